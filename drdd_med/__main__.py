@@ -1,0 +1,3 @@
+from drdd_med.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: demo generator, dataset layouts, readers and writers."""

@@ -1,0 +1,260 @@
+"""Decoupled Residual Denoising Diffusion (DRDD): schedules, forward processes, losses, sampler.
+
+Sections follow the method page (docs: ``drdd_method.md``):
+
+1. Schedule tables: ``β_t`` linear, ``ᾱ_t``, residual weight ``a_t = 1 − sqrt(ᾱ_t)`` and noise level
+   ``σ_t = sqrt(1 − ᾱ_t)``.
+2. Noise stage (target images only): ``y_t = y + σ_t ε``; the noise network predicts ``ε`` at time
+   ``σ_t T``.
+3. Residual stage (pairs) inside the fixed noise level ``σ_{T−1}``: ``x_t = y_N + a_t r`` with
+   ``y_N = y + σ_{T−1} ε`` and ``r = x_in − y``; the residual network sees ``concat(x_t, x_in)`` at
+   time ``a_t T`` and predicts ``r``.
+4. Sampler: ``S_r`` deterministic residual steps, then ``S_n`` DDIM-style (variance-exploding)
+   noise steps, with ``η`` and a start scale.
+
+Images are tensors ``(B, C, *spatial)`` for any number of spatial dimensions. Networks enter only as
+callables, so the same sampler drives a plain network, a slice-wise 2D model over a volume, or a
+sliding window run inside every step (see ``drdd_med.inferers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# A network as the method sees it: (network input, time τ of shape (B,)) -> prediction.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-batch coefficients ``(B,)`` reshaped to broadcast over ``like`` ``(B, C, *spatial)``."""
+    return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# --- 1. Schedule tables ---------------------------------------------------------------------------
+
+
+class DRDDSchedule:
+    """Coefficient tables of DRDD (float64 for exact tests; cast on use)."""
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.num_train_timesteps = num_train_timesteps
+        self.betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.residual_weight = 1.0 - self.alphas_cumprod.sqrt()  # a_t (the reference's alphas_cumsum)
+        self.noise_level = (1.0 - self.alphas_cumprod).sqrt()  # σ_t (the reference's betas_cumsum)
+
+    @property
+    def fixed_noise_level(self) -> float:
+        """σ_{T−1}: the noise level inside which the residual stage runs."""
+        return float(self.noise_level[-1])
+
+    def a(self, t: torch.Tensor) -> torch.Tensor:
+        """Residual weight ``a_t`` for integer ``t`` (any shape); 0 for ``t < 0``."""
+        return _lookup(self.residual_weight, t)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise level ``σ_t`` for integer ``t`` (any shape); 0 for ``t < 0``."""
+        return _lookup(self.noise_level, t)
+
+    def step_pairs(self, num_steps: int) -> list[tuple[int, int]]:
+        """Sampling grid ``int(linspace(−1, T−1, S+1))`` reversed, as ``(t, t_next)`` pairs."""
+        if num_steps < 1 or num_steps > self.num_train_timesteps:
+            raise ValueError(f"number of steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
+        times = torch.linspace(-1, self.num_train_timesteps - 1, num_steps + 1, dtype=torch.float64)
+        times = [int(t) for t in times.tolist()][::-1]
+        return list(zip(times[:-1], times[1:]))
+
+    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps, uniform over ``{0, …, T−1}``."""
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device, generator=generator)
+
+
+def _lookup(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    values = table.to(t.device)[t.clamp(min=0).long()]
+    return torch.where(t < 0, torch.zeros_like(values), values)
+
+
+# --- 2. Noise stage (target images only) ----------------------------------------------------------
+
+
+def noise_q_sample(schedule: DRDDSchedule, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward process of the noise stage: ``y_t = y + σ_t ε`` (no scaling of ``y``)."""
+    return y + _expand(schedule.sigma(t), y) * noise
+
+
+def noise_time(schedule: DRDDSchedule, t: torch.Tensor) -> torch.Tensor:
+    """Time input of the noise network: ``τ = σ_t T`` (a float)."""
+    return (schedule.sigma(t) * schedule.num_train_timesteps).float()
+
+
+def noise_p_losses(
+    schedule: DRDDSchedule,
+    noise_net: Denoiser,
+    y: torch.Tensor,
+    condition: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``E ‖ε_φ(y_t, σ_t T) − ε‖²`` with ``t`` uniform; ``condition`` (source) only for the conditional option."""
+    t = schedule.sample_timesteps(y.shape[0], y.device, generator)
+    noise = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
+    y_t = noise_q_sample(schedule, y, t, noise)
+    net_input = y_t if condition is None else torch.cat([y_t, condition], dim=1)
+    return F.mse_loss(noise_net(net_input, noise_time(schedule, t)).float(), noise.float())
+
+
+# --- 3. Residual stage inside the fixed noise level (pairs) ----------------------------------------
+
+
+def residual_q_sample(
+    schedule: DRDDSchedule, y: torch.Tensor, residual: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Forward process of the residual stage: ``x_t = y + σ_{T−1} ε + a_t r``."""
+    return y + schedule.fixed_noise_level * noise + _expand(schedule.a(t), y) * residual
+
+
+def residual_time(schedule: DRDDSchedule, t: torch.Tensor) -> torch.Tensor:
+    """Time input of the residual network: ``τ = a_t T`` (a float)."""
+    return (schedule.a(t) * schedule.num_train_timesteps).float()
+
+
+def residual_p_losses(
+    schedule: DRDDSchedule,
+    residual_net: Denoiser,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    context: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``E ‖r_θ(concat(x_t, x_in), a_t T) − r‖²`` with ``r = x_in − y``.
+
+    ``source`` and ``target`` have the image channels; ``context`` holds extra condition channels
+    (neighbouring source slices for 2.5D) appended after the source.
+    """
+    residual = source - target
+    t = schedule.sample_timesteps(target.shape[0], target.device, generator)
+    noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
+    x_t = residual_q_sample(schedule, target, residual, t, noise)
+    condition = source if context is None else torch.cat([source, context], dim=1)
+    prediction = residual_net(torch.cat([x_t, condition], dim=1), residual_time(schedule, t))
+    return F.mse_loss(prediction.float(), residual.float())
+
+
+# --- 4. Sampler ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DRDDSampler:
+    """The DRDD sampler: ``S_r`` residual steps then ``S_n`` noise steps (``S_r + S_n`` evaluations).
+
+    ``eta`` = 0 is deterministic given the start noise; ``eta`` > 0 adds fresh noise in each step
+    with ``c² = η (σ²_t − σ²_{t_next}) σ²_{t_next} / σ²_t``. ``start_scale`` s sets the start
+    ``x = x_in + sqrt(s) ε`` (the reference behaviour, kept as the method page says).
+    """
+
+    schedule: DRDDSchedule
+    residual_steps: int = 2
+    noise_steps: int = 2
+    eta: float = 0.0
+    start_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.start_scale < 0:
+            raise ValueError(f"start_scale must be >= 0, got {self.start_scale}")
+        self.residual_pairs = self.schedule.step_pairs(self.residual_steps)
+        self.noise_pairs = self.schedule.step_pairs(self.noise_steps)
+
+    def _c(self, t: int, t_next: int) -> float:
+        """Standard deviation of the fresh noise added when stepping ``t -> t_next``."""
+        if self.eta == 0 or t_next < 0:
+            return 0.0
+        s_t, s_next = float(self.schedule.noise_level[t]), float(self.schedule.noise_level[t_next])
+        return (self.eta * (s_t**2 - s_next**2) * s_next**2 / s_t**2) ** 0.5
+
+    def start(self, source: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x = x_in + sqrt(s) ε``."""
+        noise = torch.randn(source.shape, device=source.device, dtype=source.dtype, generator=generator)
+        return source + self.start_scale**0.5 * noise
+
+    def residual_step(self, x: torch.Tensor, residual_hat: torch.Tensor, t: int, t_next: int, z=None) -> torch.Tensor:
+        """One residual step; the result after the last is an estimate of ``y_N``."""
+        if t_next < 0:
+            return x - float(self.schedule.residual_weight[t]) * residual_hat
+        a_t, a_next = float(self.schedule.residual_weight[t]), float(self.schedule.residual_weight[t_next])
+        x = x - (a_t - a_next) * residual_hat
+        c = self._c(t, t_next)
+        return x + c * z if c > 0 else x
+
+    def noise_step(self, x: torch.Tensor, noise_hat: torch.Tensor, t: int, t_next: int, z=None) -> torch.Tensor:
+        """One noise step (DDIM, variance-exploding form)."""
+        s_t = float(self.schedule.noise_level[t])
+        if t_next < 0:
+            return x - s_t * noise_hat
+        s_next = float(self.schedule.noise_level[t_next])
+        c = self._c(t, t_next)
+        x = x - (s_t - (s_next**2 - c**2) ** 0.5) * noise_hat
+        return x + c * z if c > 0 else x
+
+    def residual_phase(
+        self, x: torch.Tensor, residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], generator=None
+    ) -> torch.Tensor:
+        """Run the residual steps; ``residual_fn(x, τ)`` returns ``r̂`` (the condition is bound in it)."""
+        for t, t_next in self.residual_pairs:
+            tau = torch.full((x.shape[0],), float(self.schedule.residual_weight[t]) * self.schedule.num_train_timesteps,
+                             device=x.device)
+            residual_hat = residual_fn(x, tau).to(x.dtype)
+            x = self.residual_step(x, residual_hat, t, t_next, z=self._fresh_noise(x, t, t_next, generator))
+        return x
+
+    def noise_phase(
+        self, x: torch.Tensor, noise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], generator=None
+    ) -> torch.Tensor:
+        """Run the noise steps; ``noise_fn(x, τ)`` returns ``ε̂``."""
+        for t, t_next in self.noise_pairs:
+            tau = torch.full((x.shape[0],), float(self.schedule.noise_level[t]) * self.schedule.num_train_timesteps,
+                             device=x.device)
+            noise_hat = noise_fn(x, tau).to(x.dtype)
+            x = self.noise_step(x, noise_hat, t, t_next, z=self._fresh_noise(x, t, t_next, generator))
+        return x
+
+    def _fresh_noise(self, x: torch.Tensor, t: int, t_next: int, generator) -> torch.Tensor | None:
+        if self._c(t, t_next) == 0:
+            return None
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+    def sample(
+        self,
+        source: torch.Tensor,
+        residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        noise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Translate ``source`` (normalised to [−1, 1]) to the target domain (normalised)."""
+        x = self.start(source, generator)
+        x = self.residual_phase(x, residual_fn, generator)
+        return self.noise_phase(x, noise_fn, generator)
+
+
+def network_fns(
+    residual_net: Denoiser,
+    noise_net: Denoiser,
+    source: torch.Tensor,
+    context: torch.Tensor | None = None,
+    noise_conditional: bool = False,
+) -> tuple[Callable, Callable]:
+    """Bind the condition into the two networks, as the sampler wants them: ``fn(x, τ)``."""
+    condition = source if context is None else torch.cat([source, context], dim=1)
+
+    def residual_fn(x, tau):
+        return residual_net(torch.cat([x, condition], dim=1), tau)
+
+    def noise_fn(x, tau):
+        return noise_net(torch.cat([x, source], dim=1) if noise_conditional else x, tau)
+
+    return residual_fn, noise_fn

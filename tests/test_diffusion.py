@@ -1,0 +1,146 @@
+"""The DRDD method against the oracle properties and coefficients of the method page."""
+
+import pytest
+import torch
+
+from drdd_med.diffusion import (
+    DRDDSampler,
+    DRDDSchedule,
+    noise_p_losses,
+    noise_q_sample,
+    residual_p_losses,
+    residual_q_sample,
+)
+
+STEPS = [1, 2, 5, 10]
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return DRDDSchedule()
+
+
+def _images(spatial, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand((2, 1, *spatial), generator=g, dtype=torch.float64) * 2 - 1
+    x_in = torch.rand((2, 1, *spatial), generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn((2, 1, *spatial), generator=g, dtype=torch.float64)
+    return y, x_in, eps
+
+
+def noise_oracle(schedule, y):
+    """``ε̂ = (x − y)/σ_t``, with ``σ_t`` looked up exactly (τ reaches networks as float32)."""
+
+    def oracle(x, tau):
+        t = (schedule.noise_level[None, :] * schedule.num_train_timesteps - tau.double()[:, None]).abs().argmin(1)
+        return (x - y) / schedule.noise_level[t].reshape(-1, *[1] * (x.ndim - 1))
+
+    return oracle
+
+
+def test_coefficients_match_the_method_page(schedule):
+    a, s = schedule.residual_weight, schedule.noise_level
+    assert a[0].item() == pytest.approx(5.0e-5, abs=1e-6)
+    assert a[499].item() == pytest.approx(0.720, abs=5e-4)
+    assert a[999].item() == pytest.approx(0.9936, abs=5e-5)
+    assert s[0].item() == pytest.approx(0.0100, abs=5e-5)
+    assert s[499].item() == pytest.approx(0.960, abs=5e-4)
+    assert s[999].item() == pytest.approx(0.99998, abs=5e-6)
+    assert schedule.fixed_noise_level == pytest.approx(0.99998, abs=5e-6)
+
+
+def test_step_grid(schedule):
+    assert schedule.step_pairs(2) == [(999, 499), (499, -1)]
+    assert schedule.step_pairs(1) == [(999, -1)]
+    pairs = schedule.step_pairs(10)
+    assert len(pairs) == 10 and pairs[0][0] == 999 and pairs[-1][1] == -1
+    assert all(t > t_next for t, t_next in pairs)
+    with pytest.raises(ValueError):
+        schedule.step_pairs(0)
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (4, 6, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("steps", STEPS)
+def test_oracle_residual_phase_ends_at_fixed_noise_target(schedule, steps, spatial):
+    y, x_in, eps = _images(spatial)
+    r = x_in - y
+    sampler = DRDDSampler(schedule, residual_steps=steps, noise_steps=1)
+    start = residual_q_sample(schedule, y, r, torch.full((2,), 999), eps)
+    end = sampler.residual_phase(start, lambda x, tau: r)
+    torch.testing.assert_close(end, y + schedule.fixed_noise_level * eps, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (4, 6, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("steps", STEPS)
+def test_oracle_noise_phase_ends_at_clean_target(schedule, steps, spatial):
+    y, _, eps = _images(spatial)
+    sampler = DRDDSampler(schedule, residual_steps=1, noise_steps=steps)
+    y_n = y + schedule.fixed_noise_level * eps
+    end = sampler.noise_phase(y_n, noise_oracle(schedule, y))
+    torch.testing.assert_close(end, y, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+def test_oracle_full_sampler_from_forward_point(schedule, steps):
+    """Both phases chained with oracles, started at the forward point, recover ``y`` exactly."""
+    y, x_in, eps = _images((6, 6))
+    r = x_in - y
+    sampler = DRDDSampler(schedule, residual_steps=steps, noise_steps=steps)
+    x = sampler.residual_phase(residual_q_sample(schedule, y, r, torch.full((2,), 999), eps), lambda x, tau: r)
+    x = sampler.noise_phase(x, noise_oracle(schedule, y))
+    torch.testing.assert_close(x, y, rtol=0, atol=1e-9)
+
+
+def test_default_start_is_the_reference_start(schedule):
+    _, x_in, _ = _images((5, 5))
+    sampler = DRDDSampler(schedule, start_scale=0.25)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    expected = x_in + 0.5 * torch.randn(x_in.shape, generator=g2, dtype=x_in.dtype)
+    torch.testing.assert_close(sampler.start(x_in, g1), expected)
+
+
+def test_eta_gives_different_samples_with_the_same_mean(schedule):
+    y, x_in, eps = _images((4, 4))
+    r = x_in - y
+    start = residual_q_sample(schedule, y, r, torch.full((2,), 999), eps)
+    deterministic = DRDDSampler(schedule, residual_steps=5, eta=0.0).residual_phase(start, lambda x, tau: r)
+    sampler = DRDDSampler(schedule, residual_steps=5, eta=1.0)
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([sampler.residual_phase(start, lambda x, tau: r, generator=g) for _ in range(4000)])
+    assert not torch.allclose(samples[0], samples[1])
+    # the spread is what the η-noise predicts, and the mean is the deterministic result
+    assert samples.std(0).mean() > 0.1
+    torch.testing.assert_close(samples.mean(0), deterministic, rtol=0, atol=4 * samples.std(0).max().item() / 4000**0.5)
+
+
+def test_eta_noise_phase_keeps_mean(schedule):
+    """With a linear (oracle) denoiser the η > 0 noise phase is unbiased and still ends at ``y``."""
+    y, _, eps = _images((4, 4))
+    y_n = y + schedule.fixed_noise_level * eps
+    sampler = DRDDSampler(schedule, noise_steps=5, eta=0.5)
+    out = sampler.noise_phase(y_n, noise_oracle(schedule, y), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, y, rtol=0, atol=1e-9)
+
+
+def test_forward_processes(schedule):
+    y, x_in, eps = _images((4, 4))
+    t = torch.tensor([0, 999])
+    y_t = noise_q_sample(schedule, y, t, eps)
+    torch.testing.assert_close(y_t[1], y[1] + schedule.noise_level[999] * eps[1])
+    x_t = residual_q_sample(schedule, y, x_in - y, t, eps)
+    # at t = T−1 the forward point is (nearly) the noisy source
+    torch.testing.assert_close(x_t[1], (x_in + eps)[1], rtol=0, atol=0.0065 * 2 + 1e-4)
+
+
+def test_losses_are_zero_for_oracle_networks_and_positive_otherwise(schedule):
+    y, x_in, _ = _images((8, 8))
+    y, x_in = y.float(), x_in.float()
+    r = x_in - y
+    oracle_residual = lambda inp, tau: inp[:, 1:2] - y  # noqa: E731  (channel 1 is the source)
+    assert residual_p_losses(schedule, oracle_residual, x_in, y).item() == pytest.approx(0.0, abs=1e-12)
+    assert residual_p_losses(schedule, lambda inp, tau: torch.zeros_like(y), x_in, y).item() == pytest.approx(
+        r.pow(2).mean().item(), rel=1e-6
+    )
+    g = torch.Generator().manual_seed(0)
+    loss = noise_p_losses(schedule, lambda inp, tau: torch.zeros_like(inp), y, generator=g)
+    assert 0.5 < loss.item() < 1.5  # E[ε²] = 1
