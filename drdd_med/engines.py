@@ -1,0 +1,242 @@
+"""Ignite workflows (MONAI engines) for DRDD: the two-stage trainer and the whole-volume evaluator.
+
+Training reads two data sources: *pairs* (source, target, mask patches) for the residual stage and
+the *unpaired pool* (target patches only) for the noise stage. Both stages train in one run with
+their own optimizer, or either alone (``stages``). One epoch is one pass over the first configured
+source; the other is cycled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from monai.engines import Evaluator, Trainer
+from monai.utils import convert_to_tensor
+
+from drdd_med.diffusion import DRDDSchedule, noise_p_losses, residual_p_losses
+from drdd_med.inferers import DRDDInferer
+from drdd_med.networks import DRDDNetworks
+from drdd_med.transforms import CT_HU_RANGE, NormalizeHU
+
+STAGES = ("residual", "noise")
+
+
+class StageBatches:
+    """Iterate the paired and target-pool loaders together: ``{"paired": batch, "pool": batch}``.
+
+    The first loader given (paired when present) sets the epoch length; the other restarts when it
+    runs out, so a small paired set and a large pool (or the reverse) both train every iteration.
+    """
+
+    def __init__(self, paired: Iterable | None = None, pool: Iterable | None = None):
+        if paired is None and pool is None:
+            raise ValueError("need a paired loader, a target-pool loader, or both")
+        self.paired, self.pool = paired, pool
+
+    def __len__(self) -> int:
+        return len(self.paired if self.paired is not None else self.pool)
+
+    def __iter__(self):
+        lead_name, lead, other_name, other = (
+            ("paired", self.paired, "pool", self.pool) if self.paired is not None else ("pool", self.pool, "paired", None)
+        )
+        other_iter = iter(other) if other is not None else None
+        for batch in lead:
+            item = {lead_name: batch, other_name: None}
+            if other is not None:
+                try:
+                    item[other_name] = next(other_iter)
+                except StopIteration:
+                    other_iter = iter(other)
+                    item[other_name] = next(other_iter)
+            yield item
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when asked (``precision="bf16"``); full precision otherwise."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class DRDDTrainer(Trainer):
+    """Train the residual stage on pairs and the noise stage on the target pool, one step each per iteration.
+
+    Args:
+        network: the ``DRDDNetworks`` model.
+        residual_optimizer / noise_optimizer: optimizers of ``network.residual`` / ``network.noise``
+            (``None`` for a stage not trained in this run).
+        paired_loader / pool_loader: loaders of patch dictionaries (``source``, ``target``, ``mask``
+            / ``target``); the source carries the 2.5D context channels after its image channels.
+        stages: which stages train ("residual", "noise" or both).
+        grad_clip: max gradient norm per network (the reference's 1.0).
+        precision: "bf16" (autocast on CUDA; CPU stays fp32) or "fp32".
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        network: DRDDNetworks,
+        residual_optimizer: torch.optim.Optimizer | None = None,
+        noise_optimizer: torch.optim.Optimizer | None = None,
+        paired_loader: Iterable | None = None,
+        pool_loader: Iterable | None = None,
+        stages: Sequence[str] = STAGES,
+        schedule: DRDDSchedule | None = None,
+        grad_clip: float | None = 1.0,
+        precision: str = "bf16",
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        non_blocking: bool = False,
+    ):
+        stages = tuple(stages)
+        unknown = set(stages) - set(STAGES)
+        if not stages or unknown:
+            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
+        if "residual" in stages and (paired_loader is None or residual_optimizer is None):
+            raise ValueError("the residual stage needs a paired loader and a residual optimizer")
+        if "noise" in stages and (pool_loader is None or noise_optimizer is None):
+            raise ValueError("the noise stage needs a target-pool loader and a noise optimizer")
+        batches = StageBatches(paired_loader if "residual" in stages else None, pool_loader if "noise" in stages else None)
+        autocast_context(device, precision)  # validates the name early
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=batches,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            handlers=train_handlers,
+            decollate=False,
+        )
+        self.network = network
+        self.residual_optimizer = residual_optimizer
+        self.noise_optimizer = noise_optimizer
+        self.stages = stages
+        self.schedule = schedule or DRDDSchedule()
+        self.grad_clip = grad_clip
+        self.precision = precision
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return convert_to_tensor(tensor, track_meta=False).to(self.state.device, non_blocking=self.non_blocking)
+
+    def _step(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> float:
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.state.device, self.precision):
+            loss = loss_fn()
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip)
+        optimizer.step()
+        return loss.detach()
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        channels = self.network.image_channels
+        output = {}
+        if "residual" in self.stages:
+            paired = batchdata["paired"]
+            source = self._to_device(paired["source"])
+            target = self._to_device(paired["target"])
+            context = source[:, channels:] if source.shape[1] > channels else None
+            output["loss_residual"] = self._step(
+                self.network.residual, self.residual_optimizer,
+                lambda: residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context),
+            )
+        if "noise" in self.stages:
+            pool = batchdata["pool"]
+            target = self._to_device(pool["target"])
+            condition = self._to_device(pool["source"])[:, :channels] if self.network.noise_conditional else None
+            output["loss_noise"] = self._step(
+                self.network.noise, self.noise_optimizer,
+                lambda: noise_p_losses(self.schedule, self.network.noise, target, condition),
+            )
+        output["loss"] = sum(output.values())
+        return {k: float(v) for k, v in output.items()}
+
+
+class DRDDEvaluator(Evaluator):
+    """Run the real sampler on whole volumes; output HU volumes for metrics and writers.
+
+    Each batch holds one case: ``source`` (normalised, a MetaTensor carrying the source grid), and
+    optionally ``target`` (reference CT in HU, not normalised) and ``mask``. The output dict has
+    ``pred`` (HU, clipped to the CT range of the normalisation), ``source``, and ``label``/``mask``
+    when given, each ``(1, C, X, Y, Z)``; ``case_id`` and the source ``affine`` come along for writers.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        network: DRDDNetworks,
+        inferer: DRDDInferer | None = None,
+        hu_range: Sequence[float] = CT_HU_RANGE,
+        precision: str = "bf16",
+        key_val_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        val_handlers: Sequence | None = None,
+        non_blocking: bool = False,
+    ):
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            non_blocking=non_blocking,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=lower_is_better,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.network = network
+        self.inferer = inferer or DRDDInferer()
+        self.to_hu = NormalizeHU(hu_range)
+        self.precision = precision
+        autocast_context(device, precision)
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        if batchdata["source"].shape[0] != 1:
+            raise ValueError("the DRDD evaluator reads one whole volume per batch (batch_size=1)")
+        device = self.state.device
+        source = convert_to_tensor(batchdata["source"], track_meta=False).to(device)
+        self.network.eval()
+        with torch.no_grad(), autocast_context(device, self.precision):
+            pred = self.inferer(source, self.network)
+        pred = self.to_hu.to_hu(pred.float()).clamp(*self.to_hu.hu_range)
+        output = {"pred": torch.as_tensor(pred), "source": source, "case_id": batchdata.get("case_id", ["case"])[0]}
+        affine = getattr(batchdata["source"], "affine", None)
+        if affine is not None:
+            output["affine"] = torch.as_tensor(affine)[0] if torch.as_tensor(affine).ndim == 3 else torch.as_tensor(affine)
+        for key, out_key in (("target", "label"), ("mask", "mask")):
+            if key in batchdata:
+                output[out_key] = convert_to_tensor(batchdata[key], track_meta=False).to(device).float()
+        return output
+
+
+def lower_is_better(current: float, prev: float) -> bool:
+    """Key-metric comparison for errors such as MAE (MONAI starts ``prev`` at −1)."""
+    return prev < 0 or current < prev
+
+
+def ensure_new_run(ckpt_dir, overwrite: bool = False, resume_from: str = "") -> None:
+    """Refuse to train over an existing model unless resuming or ``overwrite`` is set.
+
+    With ``overwrite`` the previous run's checkpoints are removed first, so none outlives its run.
+    """
+    from pathlib import Path
+
+    from drdd_med.errors import OutputExistsError
+
+    if resume_from:
+        return
+    existing = sorted(Path(ckpt_dir).glob("*.pt")) if Path(ckpt_dir).is_dir() else []
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{ckpt_dir} already holds a trained model ({', '.join(p.name for p in existing)}); "
+            "set overwrite true to replace it, or resume_from to continue that run"
+        )
+    for path in existing:
+        path.unlink()

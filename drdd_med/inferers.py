@@ -1,0 +1,126 @@
+"""DRDD sampling over whole volumes, as a MONAI ``Inferer``.
+
+- 2D / 2.5D models: the volume ``(1, C, X, Y, Z)`` is cut into axial slices (last axis), sampled in
+  batches of ``slice_batch_size`` and stacked back. 2.5D models get ``k − 1`` neighbouring source
+  slices as extra condition channels, exactly as ``RandPairedPatch`` builds them in training.
+- 3D models: one noise volume for the whole image, and a sliding window run *inside every
+  denoising step* (each step predicts over the whole volume, blended, before ``x`` is updated), so
+  patches share one trajectory and no seams appear.
+
+Inputs and outputs are normalised to ``[−1, 1]``; mapping to HU is the caller's (see
+``NormalizeHU.to_hu``). Sampling is seeded per call, so a rerun gives the same volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer, sliding_window_inference
+
+from drdd_med.diffusion import DRDDSampler, DRDDSchedule, network_fns
+from drdd_med.networks import DRDDNetworks
+
+
+class DRDDInferer(Inferer):
+    """Translate a normalised source volume with a ``DRDDNetworks`` model.
+
+    Args:
+        sampler: the DRDD sampler (steps, η, start scale); default ``DRDDSampler(DRDDSchedule())``.
+        slice_batch_size: slices per network call for 2D models.
+        roi_size: sliding-window patch size for 3D models (``None``: the whole volume at once).
+        sw_batch_size, overlap, mode: sliding-window options (MONAI's), for 3D models.
+        seed: seed of the start and η noise; ``None`` draws fresh noise each call.
+        progress: show a progress bar over slice batches.
+    """
+
+    def __init__(
+        self,
+        sampler: DRDDSampler | None = None,
+        slice_batch_size: int = 32,
+        roi_size: Sequence[int] | None = None,
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        seed: int | None = 0,
+        progress: bool = False,
+    ):
+        super().__init__()
+        self.sampler = sampler or DRDDSampler(DRDDSchedule())
+        self.slice_batch_size = slice_batch_size
+        self.roi_size = tuple(roi_size) if roi_size is not None else None
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = mode
+        self.seed = seed
+        self.progress = progress
+
+    def _generator(self, device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+    def __call__(self, inputs: torch.Tensor, network: DRDDNetworks, *args, **kwargs) -> torch.Tensor:
+        if inputs.ndim != 5 or inputs.shape[0] != 1:
+            raise ValueError(f"expected one source volume (1, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        inputs = torch.as_tensor(inputs)  # plain tensor: metadata stays with the caller
+        if network.spatial_dims == 2:
+            return self._sample_slices(inputs, network)
+        return self._sample_volume(inputs, network)
+
+    # --- 2D / 2.5D -------------------------------------------------------------------------------
+
+    def _sample_slices(self, volume: torch.Tensor, network: DRDDNetworks) -> torch.Tensor:
+        _, channels, sx, sy, depth = volume.shape
+        padded = _pad_to_multiple(volume[0].movedim(-1, 0), network.size_divisor)  # (Z, C, X', Y')
+        half = network.context_slices // 2
+        offsets = [d for d in range(-half, half + 1) if d != 0]
+        generator = self._generator(volume.device)
+        batches = range(0, depth, self.slice_batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="slices", unit="batch", leave=False)
+        out = []
+        for start in batches:
+            index = torch.arange(start, min(start + self.slice_batch_size, depth), device=volume.device)
+            source = padded[index]
+            context = None
+            if offsets:  # same order as RandPairedPatch: centre slice, then neighbours in spatial order
+                context = torch.cat([padded[(index + d).clamp(0, depth - 1)] for d in offsets], dim=1)
+            residual_fn, noise_fn = network_fns(network.residual, network.noise, source, context,
+                                                network.noise_conditional)
+            out.append(self.sampler.sample(source, residual_fn, noise_fn, generator))
+        slices = torch.cat(out)[..., :sx, :sy]  # (Z, C, X, Y)
+        return slices.movedim(0, -1)[None]
+
+    # --- 3D: sliding window inside each step ----------------------------------------------------
+
+    def _sample_volume(self, volume: torch.Tensor, network: DRDDNetworks) -> torch.Tensor:
+        spatial = volume.shape[2:]
+        padded = _pad_to_multiple(volume, network.size_divisor)
+        roi = self.roi_size or tuple(padded.shape[2:])
+        if any(r % network.size_divisor for r in roi):
+            raise ValueError(f"roi_size {roi} must be a multiple of {network.size_divisor} for this network")
+
+        def windowed(net, condition):
+            def fn(x, tau):
+                inputs = x if condition is None else torch.cat([x, condition], dim=1)
+                return sliding_window_inference(
+                    inputs, roi, self.sw_batch_size,
+                    lambda patch: net(patch, tau[:1].expand(patch.shape[0])),
+                    overlap=self.overlap, mode=self.mode,
+                )
+            return fn
+
+        residual_fn = windowed(network.residual, padded)
+        noise_fn = windowed(network.noise, padded if network.noise_conditional else None)
+        out = self.sampler.sample(padded, residual_fn, noise_fn, self._generator(volume.device))
+        return out[(..., *[slice(0, s) for s in spatial])]
+
+
+def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Replicate-pad the trailing spatial dims of ``x`` (N, C, ...) up to multiples of ``divisor``."""
+    pads = []
+    for size in reversed(x.shape[2:]):
+        pads += [0, (-size) % divisor]
+    return F.pad(x, pads, mode="replicate") if any(pads) else x

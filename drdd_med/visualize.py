@@ -1,0 +1,62 @@
+"""Pictures worth looking at: side-by-side previews of volumes (mid axial slice, HU windows)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from drdd_med.data.files import atomic_output
+
+CT_WINDOW = (-1000.0, 1500.0)  # wide enough to show air, soft tissue and bone at once
+
+
+def mid_axial(volume) -> np.ndarray:
+    """The middle axial slice (last axis) of a (X, Y, Z) or (1, X, Y, Z) volume, rotated for display."""
+    volume = np.asarray(volume, dtype=np.float32).squeeze()
+    return np.rot90(volume[..., volume.shape[-1] // 2])  # (X, Y) voxel order -> anterior up for RAS data
+
+
+def save_panels(
+    path: str | os.PathLike,
+    panels: Sequence[tuple[str, np.ndarray, tuple[float, float] | None]],
+    title: str | None = None,
+    colorbar: Sequence[bool] | None = None,
+    cmaps: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save 2D images side by side as a PNG: ``panels`` is ``(title, image, (vmin, vmax) or None)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for i, (ax, (name, image, window)) in enumerate(zip(axes[0], panels)):
+        vmin, vmax = window if window is not None else (None, None)
+        im = ax.imshow(image, cmap=(cmaps[i] if cmaps else "gray"), vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+        if colorbar and colorbar[i]:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="HU")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def save_translation_preview(
+    path: str | os.PathLike, source, synthetic, reference=None, title: str | None = None, overwrite: bool = False
+) -> Path:
+    """source | synthetic CT | reference CT (when given), mid axial slice."""
+    source_slice = mid_axial(source)
+    lo, hi = np.percentile(source_slice, [0.5, 99.5])
+    panels = [("source", source_slice, (float(lo), float(hi))), ("synthetic CT", mid_axial(synthetic), CT_WINDOW)]
+    if reference is not None:
+        panels.append(("reference CT", mid_axial(reference), CT_WINDOW))
+    return save_panels(path, panels, title=title, overwrite=overwrite)
