@@ -19,6 +19,12 @@ ROLES = ("residual", "noise")
 # Network sizes by name. "cpu-demo" trains the demo in minutes on 2 CPU cores; "gpu" is the default
 # on a GPU; "reference" rebuilds the sizes of the reference DRDD networks (method page) in MONAI.
 PRESETS: dict[str, dict] = {
+    "tiny": {  # for smoke tests: seconds per epoch, learns nothing useful
+        "residual": {"channels": (8, 16), "attention_levels": (False, True), "num_res_blocks": 1,
+                     "num_head_channels": 8, "norm_num_groups": 4},
+        "noise": {"channels": (8, 16), "attention_levels": (False, True), "num_res_blocks": 1,
+                  "num_head_channels": 8, "norm_num_groups": 4},
+    },
     "cpu-demo": {  # four levels for a wide receptive field; narrow, so a step stays cheap on a CPU
         "residual": {"channels": (16, 32, 64, 128), "attention_levels": (False, False, False, True),
                      "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 8},

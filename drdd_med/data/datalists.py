@@ -189,3 +189,48 @@ def prepare_datalists(
 
 def _counts(summary: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int))
+
+
+def inference_datalist(
+    input_path: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    task: str = "Task1",
+    num_validation: int = 4,
+    seed: int = 0,
+) -> list[dict]:
+    """Cases to translate: from ``input_path``, or else the held-out cases of ``dataset_dir``.
+
+    ``input_path`` may be a SynthRAD folder (references and masks are used when present), a JSON
+    datalist (its ``validation`` section, else ``training``), a folder of source images (case id =
+    file name), or one image file. Without it, the validation split that ``prepare_datalists``
+    holds out of ``dataset_dir`` (same ``num_validation`` and ``seed``) is used.
+    """
+    if input_path is None or str(input_path) == "":
+        if dataset_dir is None:
+            raise ValueError("give an input (file, folder or datalist) or the dataset_dir whose held-out cases to use")
+        return prepare_datalists(dataset_dir, task, num_validation=num_validation, generate_demo=False, seed=seed)[
+            "validation"
+        ]
+    path = Path(input_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path.name}: the inference input does not exist")
+    if path.is_file() and path.suffix == ".json":
+        import json
+
+        sections = json.loads(path.read_text())
+        return [_source_only(it) for it in json_datalist(path, "validation" if "validation" in sections else "training")]
+    if path.is_file():
+        stem = _strip_suffix(path.name)
+        if stem is None:
+            raise DRDDInputError(f"{path.name}: not an image file ({'/'.join(IMAGE_SUFFIXES)})")
+        return [{"case_id": stem, "source": str(path)}]
+    if (path / task).is_dir():
+        return synthrad_datalist(path, task, require_mask=False)
+    items = [{"case_id": it["case_id"], "source": it["target"]} for it in target_pool(path)]
+    if not items:
+        raise DRDDInputError(f"{path.name}: no image files to translate in this folder")
+    return items
+
+
+def _source_only(item: dict) -> dict:
+    return {k: v for k, v in item.items() if k in ("case_id", "source", "target", "mask")}

@@ -32,6 +32,22 @@ class SyntheticCTWriter:
         self.preview = preview
         self.overwrite = overwrite
 
+    def output_path(self, case_id: str) -> Path:
+        return self.output_dir / str(case_id) / f"sct.{self.output_format}"
+
+    def pending(self, datalist: list[dict]) -> list[dict]:
+        """The cases still to do: all with ``overwrite``, else those without a finished output.
+
+        A rerun after a crash therefore translates each remaining case exactly once.
+        """
+        if self.overwrite:
+            return list(datalist)
+        todo = [item for item in datalist if not self.output_path(item["case_id"]).exists()]
+        if len(todo) < len(datalist):
+            logger.info("%d of %d cases have a synthetic CT already; skipping them (set overwrite to redo)",
+                        len(datalist) - len(todo), len(datalist))
+        return todo
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
@@ -39,12 +55,12 @@ class SyntheticCTWriter:
         out = engine.state.output
         case_dir = self.output_dir / str(out["case_id"])
         pred = np.asarray(out["pred"][0, 0].detach().cpu())
-        write_volume(pred, np.asarray(out["affine"].cpu()), case_dir / f"sct.{self.output_format}",
-                     overwrite=self.overwrite)
+        # the preview first: the volume's presence marks the case as finished
         if self.preview:
             label = out.get("label")
             save_translation_preview(
                 case_dir / "preview.png", out["source"][0, 0].cpu(), pred,
-                None if label is None else label[0, 0].cpu(), title=str(out["case_id"]), overwrite=self.overwrite,
+                None if label is None else label[0, 0].cpu(), title=str(out["case_id"]), overwrite=True,
             )
+        write_volume(pred, np.asarray(out["affine"].cpu()), self.output_path(out["case_id"]), overwrite=self.overwrite)
         logger.info("wrote synthetic CT for case %s", out["case_id"])

@@ -20,7 +20,7 @@ import torch
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, Randomizable, Transform
-from monai.utils import convert_to_tensor
+from monai.utils import TraceKeys, convert_to_tensor
 from scipy import ndimage
 
 from drdd_med.errors import DRDDInputError, NonFiniteError
@@ -33,7 +33,15 @@ def _linear_map(img: torch.Tensor, src: tuple[float, float], dst: tuple[float, f
     return (img - src[0]) * scale + dst[0]
 
 
-class NormalizeHU(InvertibleTransform):
+class _ParametricInverse(InvertibleTransform):
+    """Inverse from the recorded parameters alone, so any instance can undo it (not only the one that ran)."""
+
+    def check_transforms_match(self, transform: dict) -> None:
+        if transform.get(TraceKeys.CLASS_NAME) != type(self).__name__:
+            raise RuntimeError(f"{type(self).__name__} cannot invert {transform.get(TraceKeys.CLASS_NAME)}")
+
+
+class NormalizeHU(_ParametricInverse):
     """CT in HU -> ``[−1, 1]``: clip to ``hu_range`` and map linearly. ``inverse`` maps back to HU."""
 
     def __init__(self, hu_range: Sequence[float] = CT_HU_RANGE, clip: bool = True):
@@ -59,7 +67,7 @@ class NormalizeHU(InvertibleTransform):
         return _linear_map(convert_to_tensor(data, track_meta=True, dtype=torch.float32), (-1.0, 1.0), hu_range)
 
 
-class RobustNormalize(InvertibleTransform):
+class RobustNormalize(_ParametricInverse):
     """MR/CBCT -> ``[−1, 1]`` from robust percentiles inside the body mask (exactly invertible).
 
     The percentiles ``(lower, upper)`` of the voxels where ``mask > 0`` (all voxels when no mask)
