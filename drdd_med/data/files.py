@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from drdd_med.errors import OutputExistsError
@@ -29,6 +31,46 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp = Path(tmp_name)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    out_dir: str | os.PathLike, overwrite: bool = False, check_replaceable: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``out_dir`` that replaces it when the block completes.
+
+    On error the staging folder is removed and ``out_dir`` is untouched. An existing ``out_dir``
+    raises ``OutputExistsError`` unless ``overwrite``; ``check_replaceable(out_dir)`` may then
+    refuse to replace a folder that holds things the writer did not make.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir.name}: output exists already; pass overwrite to replace it")
+        if check_replaceable:
+            check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:12]}.partial")
+    staging.mkdir()
+    try:
+        yield staging
+        if out_dir.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{out_dir.name}: output appeared while writing; not replacing it")
+            if check_replaceable:
+                check_replaceable(out_dir)
+            retired = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:12]}.replaced")
+            os.replace(out_dir, retired)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
