@@ -7,11 +7,14 @@ from ignite.engine import Engine, Events
 
 
 class EMAHandler:
-    """Every ``every`` iterations: ``ema ← decay · ema + (1 − decay) · network`` (parameters and buffers).
+    """Every ``every`` iterations: ``ema ← d · ema + (1 − d) · network`` (parameters and buffers).
 
-    ``ema_network`` is a second instance of the same architecture (e.g. ``copy.deepcopy(network)``);
-    it starts as a copy of ``network`` when the trainer starts from iteration 0, so a resumed run
-    keeps the EMA weights it loaded from its checkpoint. The reference uses decay 0.995 every 10 steps.
+    ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates: the warm-up lets the average follow
+    the network early on, so short runs (minutes on a CPU) validate trained weights rather than an
+    average still dominated by the initialisation; long runs use ``decay`` (the reference: 0.995
+    every 10 steps). ``ema_network`` is a second instance of the same architecture; it starts as a
+    copy of ``network`` when the trainer starts from iteration 0, so a resumed run keeps the EMA
+    weights it loaded from its checkpoint (``n`` follows the trainer's iteration, so does the warm-up).
     """
 
     def __init__(self, network: torch.nn.Module, ema_network: torch.nn.Module, decay: float = 0.995, every: int = 10):
@@ -29,11 +32,16 @@ class EMAHandler:
         if engine.state.iteration == 0:
             self.ema_network.load_state_dict(self.network.state_dict())
 
+    def current_decay(self, iteration: int) -> float:
+        updates = iteration // self.every
+        return min(self.decay, (1 + updates) / (10 + updates))
+
     @torch.no_grad()
-    def update(self, engine: Engine | None = None) -> None:
+    def update(self, engine: Engine) -> None:
+        weight = 1 - self.current_decay(engine.state.iteration)
         ema = self.ema_network.state_dict()
         for name, value in self.network.state_dict().items():
             if value.dtype.is_floating_point:
-                ema[name].lerp_(value, 1 - self.decay)
+                ema[name].lerp_(value, weight)
             else:
                 ema[name].copy_(value)

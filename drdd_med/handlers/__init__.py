@@ -1,0 +1,29 @@
+"""Ignite event handlers for drdd_med workflows."""
+
+from drdd_med.handlers.ema import EMAHandler
+from drdd_med.handlers.metrics import (
+    MaskedMAEHandler,
+    MaskedMetricHandler,
+    MaskedMSSSIMHandler,
+    MaskedPSNRHandler,
+    MaskedSSIMHandler,
+    TissueMAEHandler,
+    WindowedPSNRHandler,
+    WindowedRMSEHandler,
+    WindowedSSIMHandler,
+)
+from drdd_med.handlers.writer import SyntheticCTWriter
+
+__all__ = [
+    "EMAHandler",
+    "SyntheticCTWriter",
+    "MaskedMAEHandler",
+    "MaskedMSSSIMHandler",
+    "MaskedMetricHandler",
+    "MaskedPSNRHandler",
+    "MaskedSSIMHandler",
+    "TissueMAEHandler",
+    "WindowedPSNRHandler",
+    "WindowedRMSEHandler",
+    "WindowedSSIMHandler",
+]
