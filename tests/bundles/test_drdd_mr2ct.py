@@ -1,0 +1,165 @@
+"""The drdd_mr2ct bundle end to end: the README's commands on demo data, outputs, reruns, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+
+from drdd_med.data.demo import write_demo_dataset
+from drdd_med.errors import DRDDInputError, GridMismatchError, NonFiniteError
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "bundles" / "drdd_mr2ct"
+TRAIN = "bundles/drdd_mr2ct/configs/train.json"
+INFER = "bundles/drdd_mr2ct/configs/inference.json"
+# tiny networks and short runs: these tests check wiring and outputs, not image quality
+FAST = ["--network_preset", "tiny", "--num_validation", "2", "--patches_per_volume", "2"]
+
+
+def bundle_run(*args, expect_ok=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=900,
+    )
+    assert (result.returncode == 0) == expect_ok, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mr2ct")
+    log = bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(root), "--max_epochs", "2",
+                     "--val_interval", "1", *FAST)
+    return root, log
+
+
+def test_metadata_verifies_offline():
+    schema = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+    schema = schema if schema.exists() else ROOT / "tests" / "meta_schema_20240725.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+         "--filepath", str(schema)], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_bundle_layout():
+    for name in ("LICENSE", "configs/metadata.json", "configs/train.json", "configs/inference.json",
+                 "configs/logging.conf", "docs/README.md"):
+        assert (BUNDLE / name).is_file(), name
+    train = ConfigParser.load_config_file(BUNDLE / "configs" / "train.json")
+    for key in ("bundle_root", "dataset_dir", "output_dir", "device", "network_def", "max_epochs", "training", "run"):
+        assert key in train, key
+    assert "trainer" in train["train"] and "evaluator" in train["validate"]
+
+
+def test_training_generates_demo_data_and_checkpoints(trained):
+    root, log = trained
+    assert "dataset_dir holds no data: generated the built-in demo dataset" in log
+    assert (root / "data" / "demo" / "Task1" / "brain" / "1BA001" / "mr.nii.gz").is_file()
+    for name in ("model.pt", "checkpoint_final.pt"):
+        assert (root / "models" / name).is_file(), name
+    assert "val_mae" in log
+
+
+def test_training_again_refuses_to_overwrite_the_model(trained):
+    root, _ = trained
+    before = (root / "models" / "model.pt").stat().st_mtime_ns
+    log = bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(root), "--max_epochs", "1", *FAST,
+                     expect_ok=False)
+    assert "already holds a trained model" in log
+    assert (root / "models" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_inference_writes_synthetic_ct_on_the_source_grid_and_reruns_skip(trained):
+    root, _ = trained
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)
+    cases = sorted(p.name for p in (root / "eval").iterdir())
+    assert len(cases) == 2
+    for case in cases:
+        sct = nib.load(root / "eval" / case / "sct.nii.gz")
+        mr = nib.load(root / "data" / "demo" / "Task1" / "brain" / case / "mr.nii.gz")
+        assert sct.get_data_dtype() == np.int16
+        assert sct.shape == mr.shape
+        np.testing.assert_allclose(sct.affine, mr.affine, atol=1e-4)
+        values = np.asarray(sct.dataobj)
+        assert values.min() >= -1024 and values.max() <= 3000
+        assert (root / "eval" / case / "preview.png").stat().st_size > 1000
+    stamps = [(root / "eval" / c / "sct.nii.gz").stat().st_mtime_ns for c in cases]
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)
+    assert "2 of 2 cases have a synthetic CT already" in log
+    assert stamps == [(root / "eval" / c / "sct.nii.gz").stat().st_mtime_ns for c in cases]
+
+
+def test_inference_refuses_a_checkpoint_of_another_network_size(trained):
+    root, _ = trained
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), "--network_preset", "cpu-demo",
+                     "--output_dir", str(root / "other"), "--num_validation", "2", expect_ok=False)
+    assert "model.pt: checkpoint does not match the configured networks" in log
+    assert not (root / "other").exists()
+
+
+# --- bad input through the training pipeline: clear errors naming the case, nothing written -------
+
+
+def _train_parser(dataset_dir, **overrides):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"bundle_root": str(dataset_dir.parent / "bundle"), "dataset_dir": str(dataset_dir),
+                   "num_validation": 1, "network_preset": "tiny", **overrides})
+    return parser
+
+
+def _root_cause(err):
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+@pytest.fixture()
+def demo_copy(tmp_path):
+    write_demo_dataset(tmp_path / "data", num_paired=3, num_unpaired=0, shape=(32, 32, 8), spacing=(6, 6, 18))
+    return tmp_path / "data"
+
+
+def _cause_of(parser, id_):
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content(id_)
+    return _root_cause(info.value)
+
+
+def test_empty_dataset_with_demo_generation_off(tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = _cause_of(_train_parser(tmp_path / "empty", generate_demo=False), "datalists")
+    assert isinstance(err, DRDDInputError) and "holds no Task1 cases" in str(err)
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_source_and_target_on_different_grids(demo_copy):
+    case = demo_copy / "Task1" / "brain" / "1BA002"
+    ct = nib.load(case / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(ct.dataobj)[:, :, :-1], ct.affine), case / "ct.nii.gz")
+    err = _cause_of(_train_parser(demo_copy, num_validation=0), "train#paired_dataset")
+    assert isinstance(err, GridMismatchError) and "1BA002" in str(err) and "shape" in str(err)
+
+
+def test_nan_voxels(demo_copy):
+    case = demo_copy / "Task1" / "brain" / "1BA001"
+    mr = nib.load(case / "mr.nii.gz")
+    data = np.asarray(mr.dataobj).copy()
+    data[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, mr.affine), case / "mr.nii.gz")
+    err = _cause_of(_train_parser(demo_copy, num_validation=0), "train#paired_dataset")
+    assert isinstance(err, NonFiniteError) and "1BA001/source" in str(err) and "NaN" in str(err)
+
+
+def test_missing_image_of_a_case(demo_copy):
+    (demo_copy / "Task1" / "brain" / "1BA003" / "mr.nii.gz").unlink()
+    err = _cause_of(_train_parser(demo_copy), "datalists")
+    assert isinstance(err, DRDDInputError) and "1BA003" in str(err) and "no mr image" in str(err)
+    assert not (demo_copy.parent / "bundle").exists()

@@ -1,0 +1,128 @@
+"""DRDDTrainer / DRDDEvaluator: both stages or either, EMA, resume at the same iteration."""
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, ensure_new_run
+from drdd_med.errors import OutputExistsError
+from drdd_med.handlers import EMAHandler, MaskedMAEHandler
+from drdd_med.inferers import DRDDInferer
+from drdd_med.networks import DRDDNetworks
+
+
+def _paired(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [{"source": torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, "target": torch.rand(4, 1, 8, 8, generator=g) * 2 - 1}
+            for _ in range(n)]
+
+
+def _pool(n=5):
+    return [{"target": torch.rand(4, 1, 8, 8) * 2 - 1} for _ in range(n)]
+
+
+def test_stage_batches_cycle_the_shorter_source():
+    items = list(StageBatches([1, 2, 3], ["a", "b"]))
+    assert [i["paired"] for i in items] == [1, 2, 3] and [i["pool"] for i in items] == ["a", "b", "a"]
+    assert [i["pool"] for i in StageBatches(None, ["a", "b"])] == ["a", "b"]
+    with pytest.raises(ValueError):
+        StageBatches(None, None)
+
+
+def _trainer(model, stages=("residual", "noise"), max_epochs=2, handlers=()):
+    return DRDDTrainer(
+        device="cpu", max_epochs=max_epochs, network=model,
+        residual_optimizer=torch.optim.Adam(model.residual.parameters(), 1e-3),
+        noise_optimizer=torch.optim.Adam(model.noise.parameters(), 1e-3),
+        paired_loader=_paired(), pool_loader=_pool(), stages=stages, train_handlers=list(handlers),
+    )
+
+
+@pytest.mark.parametrize("stages", [("residual", "noise"), ("residual",), ("noise",)])
+def test_trainer_updates_only_the_configured_stages(stages):
+    torch.manual_seed(0)
+    model = DRDDNetworks.from_preset("tiny")
+    before = copy.deepcopy(model.state_dict())
+    trainer = _trainer(model, stages, max_epochs=1)
+    trainer.run()
+    for role in ("residual", "noise"):
+        changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith(role))
+        assert changed == (role in stages)
+    assert set(trainer.state.output) == {"loss"} | {f"loss_{s}" for s in stages}
+    assert trainer.state.iteration == (3 if "residual" in stages else 5)
+
+
+def test_trainer_refuses_a_stage_without_its_data():
+    model = DRDDNetworks.from_preset("tiny")
+    with pytest.raises(ValueError, match="noise stage needs"):
+        DRDDTrainer("cpu", 1, model, torch.optim.Adam(model.residual.parameters()), None, _paired(), None)
+    with pytest.raises(ValueError, match="precision"):
+        DRDDTrainer("cpu", 1, model, torch.optim.Adam(model.parameters()), torch.optim.Adam(model.parameters()),
+                    _paired(), _pool(), precision="fp8")
+
+
+def test_ema_tracks_the_network():
+    torch.manual_seed(0)
+    model = DRDDNetworks.from_preset("tiny")
+    ema = copy.deepcopy(model)
+    trainer = _trainer(model, max_epochs=4, handlers=[EMAHandler(model, ema, decay=0.5, every=1)])
+    trainer.run()
+    key = "residual.conv_in.conv.weight"
+    assert not torch.equal(ema.state_dict()[key], model.state_dict()[key])
+    assert (ema.state_dict()[key] - model.state_dict()[key]).abs().max() < 0.05
+
+
+def test_resumed_run_continues_at_the_same_iteration(tmp_path):
+    torch.manual_seed(0)
+    model = DRDDNetworks.from_preset("tiny")
+    ema = copy.deepcopy(model)
+    trainer = _trainer(model, max_epochs=2, handlers=[EMAHandler(model, ema, every=1)])
+    state = {"network": model, "network_ema": ema, "residual_optimizer": trainer.residual_optimizer,
+             "noise_optimizer": trainer.noise_optimizer, "trainer": trainer}
+    CheckpointSaver(str(tmp_path), state, save_final=True, final_filename="final.pt").attach(trainer)
+    trainer.run()
+    assert trainer.state.iteration == 6
+
+    model2 = DRDDNetworks.from_preset("tiny")
+    ema2 = copy.deepcopy(model2)
+    trainer2 = _trainer(model2, max_epochs=3, handlers=[EMAHandler(model2, ema2, every=1)])
+    state2 = {"network": model2, "network_ema": ema2, "residual_optimizer": trainer2.residual_optimizer,
+              "noise_optimizer": trainer2.noise_optimizer, "trainer": trainer2}
+    CheckpointLoader(str(tmp_path / "final.pt"), state2).attach(trainer2)
+    first = []
+    trainer2.add_event_handler(Events.ITERATION_STARTED(once=7), lambda e: first.append({k: v.clone() for k, v in ema2.state_dict().items()}))
+    trainer2.run()
+    assert trainer2.state.iteration == 9 and trainer2.state.epoch == 3
+    # weights and EMA continued from the checkpoint, not from a fresh initialisation
+    key = "noise.conv_in.conv.weight"
+    assert torch.equal(first[0][key], ema.state_dict()[key])
+    assert trainer2.residual_optimizer.state_dict()["state"]  # optimizer moments restored
+
+
+def test_evaluator_reports_masked_mae_in_hu_on_whole_volumes():
+    model = DRDDNetworks.from_preset("tiny")
+    source = torch.rand(1, 1, 8, 8, 5) * 2 - 1
+    target = torch.full((1, 1, 8, 8, 5), 40.0)
+    mask = torch.ones(1, 1, 8, 8, 5)
+    evaluator = DRDDEvaluator("cpu", [{"source": source, "target": target, "mask": mask, "case_id": ["c1"]}], model,
+                              DRDDInferer(slice_batch_size=2), key_val_metric={"val_mae": MaskedMAEHandler()})
+    evaluator.run()
+    pred = evaluator.state.output["pred"]
+    assert pred.shape == source.shape and float(pred.min()) >= -1024 and float(pred.max()) <= 3000
+    expected = (pred - target).abs().mean().item()
+    assert evaluator.state.metrics["val_mae"] == pytest.approx(expected, rel=1e-5)
+    assert evaluator.state.output["case_id"] == "c1"
+
+
+def test_ensure_new_run_protects_a_trained_model(tmp_path):
+    ensure_new_run(tmp_path)  # empty: fine
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(OutputExistsError, match="model.pt"):
+        ensure_new_run(tmp_path)
+    ensure_new_run(tmp_path, resume_from=str(tmp_path / "model.pt"))
+    assert (tmp_path / "model.pt").exists()
+    ensure_new_run(tmp_path, overwrite=True)
+    assert not (tmp_path / "model.pt").exists()
