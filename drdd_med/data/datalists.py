@@ -69,7 +69,7 @@ def synthrad_datalist(root: str | os.PathLike, task: str = "Task1", regions: Seq
                 if path is not None:
                     item[key] = str(path)
             items.append(item)
-    return items
+    return sorted(items, key=lambda item: item["case_id"])
 
 
 def json_datalist(path: str | os.PathLike, section: str = "training") -> list[dict]:
@@ -104,17 +104,22 @@ def parallel_folders_datalist(source_dir: str | os.PathLike, target_dir: str | o
     return items
 
 
-def target_pool(folder: str | os.PathLike) -> list[dict]:
-    """Every target-domain image under ``folder`` (recursively), for the noise stage's unpaired pool."""
+def image_files(folder: str | os.PathLike, key: str) -> list[dict]:
+    """``{"case_id": <file name without suffix>, key: <path>}`` for every image under ``folder`` (recursively)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     items = []
     for path in sorted(folder.rglob("*")):
         stem = _strip_suffix(path.name)
-        if stem and path.is_file():
-            items.append({"case_id": stem, "target": str(path)})
+        if stem and path.is_file() and not path.name.startswith("."):
+            items.append({"case_id": stem, key: str(path)})
     return items
+
+
+def target_pool(folder: str | os.PathLike) -> list[dict]:
+    """Every target-domain image under ``folder`` (recursively), for the noise stage's unpaired pool."""
+    return image_files(folder, "target")
 
 
 def split_cases(items: list[dict], num_validation: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -226,7 +231,7 @@ def inference_datalist(
         return [{"case_id": stem, "source": str(path)}]
     if (path / task).is_dir():
         return synthrad_datalist(path, task, require_mask=False)
-    items = [{"case_id": it["case_id"], "source": it["target"]} for it in target_pool(path)]
+    items = image_files(path, "source")
     if not items:
         raise DRDDInputError(f"{path.name}: no image files to translate in this folder")
     return items

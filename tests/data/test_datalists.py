@@ -1,0 +1,102 @@
+"""Dataset layouts -> datalists: SynthRAD, JSON, parallel folders, pool, splits, inference inputs."""
+
+import json
+
+import pytest
+
+from drdd_med.data.datalists import (
+    inference_datalist,
+    json_datalist,
+    parallel_folders_datalist,
+    prepare_datalists,
+    split_cases,
+    split_paired_fraction,
+    synthrad_datalist,
+    target_pool,
+)
+from drdd_med.errors import DRDDInputError
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+@pytest.fixture()
+def synthrad(tmp_path):
+    for case in ("1BA001", "1BA002", "1BC003"):
+        for name in ("mr", "ct", "mask"):
+            _touch(tmp_path / "Task1" / "brain" / case / f"{name}.nii.gz")
+    for case in ("1HNA001",):  # SynthRAD2025 layout, .mha
+        for name in ("mr", "ct", "mask"):
+            _touch(tmp_path / "Task1" / "HN" / case / f"{name}.mha")
+    _touch(tmp_path / "ct_pool" / "extra1.nii.gz")
+    _touch(tmp_path / "ct_pool" / "sub" / "extra2.mha")
+    return tmp_path
+
+
+def test_synthrad_2023_and_2025_layouts(synthrad):
+    items = synthrad_datalist(synthrad)
+    assert [it["case_id"] for it in items] == ["1BA001", "1BA002", "1BC003", "1HNA001"]
+    assert items[-1]["source"].endswith("HN/1HNA001/mr.mha")
+    assert [it["case_id"] for it in synthrad_datalist(synthrad, regions=["HN"])] == ["1HNA001"]
+    assert synthrad_datalist(synthrad, task="Task2") == []
+
+
+def test_synthrad_case_missing_an_image_is_named(synthrad):
+    (synthrad / "Task1" / "brain" / "1BA002" / "ct.nii.gz").unlink()
+    with pytest.raises(DRDDInputError, match="case 1BA002: no ct image"):
+        synthrad_datalist(synthrad)
+
+
+def test_pool_splits_and_paired_fraction(synthrad):
+    assert [it["case_id"] for it in target_pool(synthrad / "ct_pool")] == ["extra1", "extra2"]
+    items = synthrad_datalist(synthrad)
+    train, val = split_cases(items, 1, seed=0)
+    assert len(train) == 3 and len(val) == 1 and val[0] not in train
+    assert split_cases(items, 1, seed=0) == (train, val)
+    paired, pool = split_paired_fraction(train, 0.34, seed=0)
+    assert len(paired) == 1 and len(pool) == 2 and set(pool[0]) == {"case_id", "target"}
+    with pytest.raises(ValueError):
+        split_paired_fraction(train, 0.0)
+    with pytest.raises(DRDDInputError):
+        split_cases(items, 4)
+
+
+def test_prepare_datalists_pool_holds_all_training_targets(synthrad):
+    lists = prepare_datalists(synthrad, num_validation=1, paired_fraction=0.5, generate_demo=False)
+    assert len(lists["validation"]) == 1
+    pool_ids = {it["case_id"] for it in lists["pool"]}
+    train_ids = {it["case_id"] for it in synthrad_datalist(synthrad)} - {lists["validation"][0]["case_id"]}
+    assert pool_ids == train_ids | {"extra1", "extra2"}
+    assert all(it["case_id"] != lists["validation"][0]["case_id"] for it in lists["paired"])
+
+
+def test_json_and_parallel_folders(tmp_path):
+    src, tgt = _touch(tmp_path / "mr" / "a.nii.gz"), _touch(tmp_path / "ct" / "a.nii.gz")
+    _touch(tmp_path / "mask" / "a.nii.gz")
+    items = parallel_folders_datalist(tmp_path / "mr", tmp_path / "ct", tmp_path / "mask")
+    assert items == [{"case_id": "a", "source": str(src), "target": str(tgt), "mask": str(tmp_path / "mask" / "a.nii.gz")}]
+    _touch(tmp_path / "mr" / "b.nii.gz")
+    with pytest.raises(DRDDInputError, match="source or a target but not both"):
+        parallel_folders_datalist(tmp_path / "mr", tmp_path / "ct")
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{"source": "mr/a.nii.gz", "target": "ct/a.nii.gz"}],
+                                                   "validation": [{"source": "mr/b.nii.gz"}]}))
+    assert json_datalist(tmp_path / "list.json")[0]["case_id"] == "a"
+    with pytest.raises(DRDDInputError, match="lacks \\['target'\\]"):
+        json_datalist(tmp_path / "list.json", "validation")
+
+
+def test_inference_inputs(synthrad, tmp_path):
+    assert [it["case_id"] for it in inference_datalist(synthrad)][:2] == ["1BA001", "1BA002"]
+    one = _touch(tmp_path / "in" / "p1.nii.gz")
+    assert inference_datalist(one) == [{"case_id": "p1", "source": str(one)}]
+    assert inference_datalist(tmp_path / "in") == [{"case_id": "p1", "source": str(one)}]
+    held_out = inference_datalist(None, synthrad, num_validation=2)
+    assert len(held_out) == 2 and all("target" in it for it in held_out)
+    with pytest.raises(FileNotFoundError):
+        inference_datalist(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DRDDInputError, match="no image files"):
+        inference_datalist(tmp_path / "empty")
