@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import warnings
 from collections import Counter
@@ -330,18 +331,27 @@ def _stack_key(item: SourceSlice) -> tuple:
     )
 
 
+def _series_key_hash(series_uid: str, sop_instance_uids: Sequence[str]) -> str:
+    identity = series_uid or "|".join(sorted(sop_instance_uids))
+    return hashlib.sha256(identity.encode()).hexdigest()[:8]
+
+
+def _series_identity(header: Dataset) -> tuple[int | None, str, str]:
+    """(SeriesNumber, Modality, SeriesDescription) of a series' first header."""
+    number = header.get("SeriesNumber")
+    number = int(number) if number not in (None, "") else None
+    return number, str(header.get("Modality") or ""), str(header.get("SeriesDescription") or "")
+
+
 def _group_series(slices: list[SourceSlice]) -> list[_Candidate]:
     by_series: dict[str, list[SourceSlice]] = {}
     for item in slices:
         by_series.setdefault(str(item.header.get("SeriesInstanceUID") or ""), []).append(item)
     candidates = []
     for series_uid, members in by_series.items():
-        identity = series_uid or "|".join(sorted(m.sop_instance_uid for m in members))
-        key_hash = hashlib.sha256(identity.encode()).hexdigest()[:8]
+        key_hash = _series_key_hash(series_uid, [m.sop_instance_uid for m in members])
         first = members[0].header
-        number = first.get("SeriesNumber")
-        number = int(number) if number not in (None, "") else None
-        modality, description = str(first.get("Modality") or ""), str(first.get("SeriesDescription") or "")
+        number, modality, description = _series_identity(first)
         stacks: dict[tuple, list[SourceSlice]] = {}
         for item in members:
             stacks.setdefault(_stack_key(item), []).append(item)
@@ -473,8 +483,76 @@ def _plan_grid(
     return slices, shape, affine, resampled
 
 
+@dataclass(frozen=True, eq=False)
+class SeriesSummary:
+    """One series found in a folder tree, from its headers alone (not validated as a volume).
+
+    It has the attributes a ``SeriesSelection`` matches; ``files`` (any SOP class, image or not)
+    go to ``scan_dicom_series`` to validate and read the series.
+    """
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str
+    series_number: int | None
+    study_date: str
+    key_hash: str
+    label: str
+    files: tuple[Path, ...]
+
+
+def list_dicom_series(path: str | Path) -> list[SeriesSummary]:
+    """Every DICOM series under ``path`` (a file or a folder, searched recursively), in label order.
+
+    Files that are not DICOM and DICOMDIRs are skipped; files that cannot be read at all are
+    counted in the log and skipped (their series is then refused when read, if a slice is missing).
+    Grouping is by SeriesInstanceUID only: stacks, geometry and SOP classes are checked by
+    ``scan_dicom_series`` on one series' files.
+    """
+    skipped: Counter[str] = Counter()
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for file in _list_files(Path(path)):
+        try:
+            header = _read_header(file)
+        except DRDDInputError:
+            skipped["unreadable"] += 1
+            continue
+        if header is None:
+            skipped["not DICOM"] += 1
+            continue
+        meta = getattr(header, "file_meta", Dataset())
+        sop_class = str(header.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+        if sop_class == dicom_uid.MediaStorageDirectoryStorage or file.name.upper() == "DICOMDIR":
+            skipped["DICOMDIR"] += 1
+            continue
+        groups.setdefault(str(header.get("SeriesInstanceUID") or ""), []).append((file, header))
+    if skipped:
+        logger.info("skipped %s", ", ".join(f"{count} file(s): {why}" for why, count in sorted(skipped.items())))
+    summaries = []
+    for series_uid, members in groups.items():
+        sop_uids = [str(header.get("SOPInstanceUID") or "") for _, header in members]
+        key_hash = _series_key_hash(series_uid, sop_uids)
+        first = members[0][1]
+        number, modality, description = _series_identity(first)
+        summaries.append(
+            SeriesSummary(
+                series_uid=series_uid,
+                study_uid=str(first.get("StudyInstanceUID") or ""),
+                modality=modality,
+                description=description,
+                series_number=number,
+                study_date=str(first.get("StudyDate") or ""),
+                key_hash=key_hash,
+                label=_series_label(number, description, modality, key_hash),
+                files=tuple(file for file, _ in members),
+            )
+        )
+    return sorted(summaries, key=lambda s: (s.study_uid, s.series_number is None, s.series_number or 0, s.key_hash))
+
+
 def scan_dicom_series(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     selection: SeriesSelection | Mapping | None = None,
     *,
     resample: bool = False,
@@ -484,6 +562,9 @@ def scan_dicom_series(
 ) -> SeriesInfo:
     """Scan the headers under ``path`` (a DICOM file or a folder, searched recursively) and validate one series.
 
+    ``path`` may also be a list of files, e.g. the ``files`` of a ``SeriesSummary`` from
+    ``list_dicom_series``, so one series of a large folder tree is read without rescanning the tree.
+
     Files that are not DICOM, DICOMDIRs and objects other than CT/MR/PET images are skipped (and
     counted in the log); empty, truncated or unreadable files are errors. Several series need a
     ``selection``; a series whose slices do not form a regular volume (duplicates, uneven spacing,
@@ -491,12 +572,19 @@ def scan_dicom_series(
     duplicates or mixed orientations). The size of the volume to be returned is checked against
     ``max_voxels``/``max_bytes`` (float32) here, before any pixel is read.
     """
-    path = Path(path)
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
+        files, where = _list_files(path), path.name
+    else:
+        files = [Path(p) for p in path]
+        if not files:
+            raise DRDDInputError("no files given to scan")
+        path, where = Path(os.path.commonpath(files)), f"{len(files)} given files"
     if isinstance(selection, Mapping):
         selection = SeriesSelection(**selection)
     skipped: Counter[str] = Counter()
     slices: list[SourceSlice] = []
-    for file in _list_files(path):
+    for file in files:
         header = _read_header(file)
         try:
             found = "not DICOM" if header is None else _slices_of(file, header)
@@ -512,12 +600,12 @@ def scan_dicom_series(
         logger.info("skipped %s", ", ".join(f"{count} file(s): {why}" for why, count in sorted(skipped.items())))
     if not slices:
         reasons = ", ".join(f"{count} {why}" for why, count in sorted(skipped.items())) or "no files"
-        raise DRDDInputError(f"{path.name}: no CT, MR or PET DICOM images found ({reasons})")
+        raise DRDDInputError(f"{where}: no CT, MR or PET DICOM images found ({reasons})")
 
-    candidate = _select(_group_series(slices), selection, path.name)
+    candidate = _select(_group_series(slices), selection, where)
     if expected_modality is not None and candidate.modality.upper() != expected_modality.upper():
         raise DRDDInputError(
-            f"{path.name}: {candidate.label} has modality {candidate.modality or '(none)'}, "
+            f"{where}: {candidate.label} has modality {candidate.modality or '(none)'}, "
             f"but {expected_modality} is expected here"
         )
     ordered, shape, affine, resampled = _plan_grid(_single_stack(candidate), candidate.label, resample)

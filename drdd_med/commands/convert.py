@@ -1,0 +1,131 @@
+"""``drdd-med convert``: batch-convert DICOM series (folder, DIMSE PACS or DICOMweb) into synthetic CT series."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from drdd_med.pacs.endpoints import SeriesRules, TransferError, open_destination, open_source
+from drdd_med.pacs.journal import JournalLockedError
+
+USER_ENV, PASSWORD_ENV = "DRDD_DICOMWEB_USER", "DRDD_DICOMWEB_PASSWORD"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = f"""\
+Convert every selected source series into one synthetic CT series (CT Image Storage, marked
+synthetic, referencing its source) at the destination, exactly once: a job journal (SQLite)
+records each finished series, so a rerun skips them and a run killed at any point and restarted
+finishes the rest without duplicates (the synthetic series' UIDs are derived from the source and
+the model). Failed transfers are retried with backoff; a series that still fails, or whose input
+is refused (not an image, gantry tilt, missing slices...), is recorded with its reason and the
+run goes on. A report (CSV and JSON) lists converted / skipped / failed series by keyed hashes of
+their UIDs; logs carry no patient data or paths.
+
+SOURCE and DESTINATION are each a folder, a DIMSE node dimse://AET@host:port (C-FIND, then C-GET
+or C-MOVE; C-STORE to send), or a DICOMweb root http(s)://host:port/dicom-web (QIDO-RS, WADO-RS;
+STOW-RS to send). DICOMweb credentials come from ${USER_ENV} and ${PASSWORD_ENV}.
+
+Exit status: 0 when every selected series was converted or skipped, 1 when some failed (or the
+source could not be queried), 2 for a usage or configuration error."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="batch-convert DICOM series from a folder or PACS into synthetic CT series, exactly once",
+        description=DESCRIPTION,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+    )
+    parser.add_argument("source", metavar="SOURCE", help="folder, dimse://AET@host:port or DICOMweb URL")
+    parser.add_argument("destination", metavar="DESTINATION", help="folder, dimse://AET@host:port or DICOMweb URL")
+
+    select = parser.add_argument_group("series selection (every rule given must hold)")
+    select.add_argument("--modality", help="source modality (default: the model's input modality)")
+    select.add_argument("--description", metavar="REGEX", help="regular expression searched in SeriesDescription")
+    select.add_argument("--study-uid", action="append", default=[], metavar="UID", help="a study to convert (repeat)")
+    select.add_argument("--series-uid", action="append", default=[], metavar="UID", help="a series to convert (repeat)")
+    select.add_argument("--date-from", metavar="YYYYMMDD", help="earliest StudyDate")
+    select.add_argument("--date-to", metavar="YYYYMMDD", help="latest StudyDate")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--bundle", default="drdd_mr2ct", metavar="NAME_OR_PATH",
+                       help="bundle folder, or the name of one under bundles/ (default: %(default)s)")
+    model.add_argument("--ckpt", type=Path, metavar="FILE", help="weights file (default: the bundle's models/model.pt)")
+    model.add_argument("--preset", metavar="NAME", help="network preset of the weights (default: the bundle's rule)")
+    model.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    model.add_argument("--batch-size", type=int, metavar="N", help="slices per network call (default: the bundle's)")
+
+    network = parser.add_argument_group("network")
+    network.add_argument("--calling-aet", default="DRDD", metavar="AET",
+                         help="our AE title, registered at the PACS (default: %(default)s)")
+    network.add_argument("--retrieve", choices=("get", "move"), default="get", help="DIMSE retrieval by C-GET or C-MOVE")
+    network.add_argument("--move-port", type=int, metavar="PORT", help="port of our storage SCP for C-MOVE (registered at the PACS)")
+    network.add_argument("--move-host", default="", metavar="HOST", help="interface our C-MOVE storage SCP listens on (default: all)")
+    network.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                         help="network timeout (default: %(default)s)")
+
+    run_options = parser.add_argument_group("run")
+    run_options.add_argument("--journal", type=Path, default=Path("drdd-convert.sqlite"), metavar="FILE",
+                             help="job journal (default: %(default)s); one run at a time per journal")
+    run_options.add_argument("--report", type=Path, metavar="PREFIX",
+                             help="write PREFIX.csv and PREFIX.json (default: drdd-convert-JOBID beside the journal)")
+    run_options.add_argument("--attempts", type=int, default=3, metavar="N",
+                             help="tries per transfer before a series fails (default: %(default)s)")
+    run_options.add_argument("--backoff", type=float, default=2.0, metavar="SECONDS",
+                             help="wait before the second try, doubled for each next one (default: %(default)s)")
+    run_options.add_argument("--retry-failed", action="store_true",
+                             help="also retry series whose input was refused in an earlier run")
+    run_options.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
+    parser.set_defaults(func=run)
+
+
+def _dicomweb_auth() -> tuple[str, str] | None:
+    user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
+    if bool(user) != bool(password):
+        raise ValueError(f"set both {USER_ENV} and {PASSWORD_ENV}, or neither")
+    return (user, password) if user else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from drdd_med.bundle import BundleTranslator
+    from drdd_med.pacs.convert import BatchConverter
+
+    translator = BundleTranslator(args.bundle, device=args.device, preset=args.preset, ckpt=args.ckpt,
+                                  batch_size=args.batch_size)
+    rules = SeriesRules(
+        modality=args.modality or translator.source_modality,
+        description=args.description,
+        study_uids=args.study_uid,
+        series_uids=args.series_uid,
+        date_from=args.date_from,
+        date_to=args.date_to,
+    )
+    auth = _dicomweb_auth()
+    source = open_source(args.source, calling_aet=args.calling_aet, retrieve=args.retrieve,
+                         move_port=args.move_port, move_host=args.move_host, auth=auth, timeout=args.timeout)
+    try:
+        destination = open_destination(args.destination, calling_aet=args.calling_aet, auth=auth,
+                                       timeout=args.timeout)
+        converter = BatchConverter(source, destination, translator, args.journal, rules=rules,
+                                   attempts=args.attempts, backoff_s=args.backoff, retry_failed=args.retry_failed,
+                                   progress=not args.no_progress)
+        try:
+            report = converter.run()
+        except JournalLockedError as err:
+            print(f"drdd-med convert: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except TransferError as err:  # the source could not be queried: nothing was converted
+            print(f"drdd-med convert: error: job {converter.job_id}: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            destination.close()
+    finally:
+        source.close()
+    prefix = args.report or args.journal.with_name(f"drdd-convert-{report.job_id}")
+    csv_path, json_path = report.write(prefix)
+    counts = report.counts
+    print(f"job {report.job_id}: {counts['converted']} converted, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed; report {csv_path.name}, {json_path.name}")
+    return EXIT_FAILED if counts["failed"] else EXIT_OK

@@ -1,0 +1,252 @@
+"""Batch conversion: every selected source series into one synthetic CT series at the destination, once.
+
+Each series crosses the layers once: source (fetch) -> reader (``scan_dicom_series``,
+``read_dicom_series``) -> translator (``BundleTranslator``) -> writer (``write_derived_ct_series``)
+-> destination (deliver). The journal (``Journal``) makes the run restartable: finished series are
+skipped, a series interrupted by a crash is redone, and the synthetic series' UIDs are derived
+from the source and model so a redo replaces rather than duplicates. Transfer failures are retried
+``attempts`` times with exponential backoff; input the reader refuses is not retried. Either way
+the series is recorded as failed, with its reason, and the run goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pydicom
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from drdd_med.bundle import BundleTranslator
+from drdd_med.data.dicom import SeriesSelection, quiet_pydicom, read_dicom_series, scan_dicom_series
+from drdd_med.data.dicom_writer import write_derived_ct_series
+from drdd_med.data.files import atomic_output
+from drdd_med.errors import DRDDInputError
+from drdd_med.pacs.endpoints import SeriesRef, SeriesRules, TransferError
+from drdd_med.pacs.journal import Journal
+from drdd_med.pacs.phi import Redactor, redacted_logging
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STATUSES = ("converted", "skipped", "failed")
+
+
+@dataclass
+class SeriesResult:
+    """One row of the report; series and studies are named by keyed hashes of their UIDs."""
+
+    series: str
+    study: str
+    modality: str
+    series_number: int | None
+    status: str
+    reason: str = ""
+    attempts: int = 0
+    duration_s: float = 0.0
+    output_series: str = ""
+
+
+@dataclass
+class Report:
+    job_id: str
+    model: str
+    source: str
+    destination: str
+    started: str
+    duration_s: float = 0.0
+    series: list[SeriesResult] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = Counter(result.status for result in self.series)
+        return {status: counts.get(status, 0) for status in STATUSES}
+
+    @property
+    def series_per_minute(self) -> float:
+        """Series converted per minute of the run (queries, transfers and skipped series included)."""
+        return round(60.0 * self.counts["converted"] / self.duration_s, 2) if self.duration_s else 0.0
+
+    def write(self, prefix: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``PREFIX.json`` (summary and rows) and ``PREFIX.csv`` (rows); returns both paths."""
+        prefix = Path(prefix)
+        summary = {k: v for k, v in asdict(self).items() if k != "series"}
+        summary.update(counts=self.counts, series_per_minute=self.series_per_minute)
+        rows = [asdict(result) for result in self.series]
+        json_path, csv_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")
+        with atomic_output(json_path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({**summary, "series": rows}, indent=2) + "\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(SeriesResult.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_output(csv_path, overwrite=True) as tmp:
+            tmp.write_text(text.getvalue())
+        return csv_path, json_path
+
+
+class BatchConverter:
+    """Convert the series of ``source`` that match ``rules`` into synthetic CT series at ``destination``.
+
+    Args:
+        source / destination: endpoints (``drdd_med.pacs.endpoints.open_source`` / ``open_destination``).
+        translator: the model (``BundleTranslator``).
+        journal_path: the SQLite job journal; its folder also holds the run's scratch space
+            (``JOURNAL.work``, emptied at the start of every run: a killed run leaves data only there).
+        rules: which series to convert (default: the model's source modality).
+        attempts: tries per transfer step (fetch, deliver) before the series is recorded as failed.
+        backoff_s: wait before the second try; doubled before each further one.
+        retry_failed: also redo series whose input was refused in an earlier run.
+        progress: show a progress bar (on stderr, when it is a terminal).
+    """
+
+    def __init__(
+        self,
+        source,
+        destination,
+        translator: BundleTranslator,
+        journal_path: str | os.PathLike,
+        *,
+        rules: SeriesRules | None = None,
+        attempts: int = 3,
+        backoff_s: float = 2.0,
+        retry_failed: bool = False,
+        progress: bool = True,
+    ):
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.source, self.destination, self.translator = source, destination, translator
+        self.journal_path = Path(journal_path)
+        self.rules = rules or SeriesRules(modality=translator.source_modality)
+        self.attempts, self.backoff_s = attempts, backoff_s
+        self.retry_failed, self.progress = retry_failed, progress
+        self.job_id = uuid.uuid4().hex[:8]
+
+    def run(self) -> Report:
+        """Convert every matching series not converted yet; ``TransferError`` if the source cannot be queried."""
+        started = time.monotonic()
+        report = Report(
+            job_id=self.job_id,
+            model=self.translator.model_id,
+            source=self.source.description,
+            destination=self.destination.description,
+            started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        journal = Journal(self.journal_path, self.translator.model_id, self.destination.key, self.job_id)
+        # log lines go above the progress bar, and every one of them through the redactor
+        with journal, logging_redirect_tqdm():
+            redact = Redactor(journal.secret_key())
+            redact.hide([str(self.journal_path.resolve().parent), *self.source.private, *self.destination.private])
+            work = self.journal_path.with_name(self.journal_path.name + ".work")
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                with redacted_logging(redact):
+                    logger.info("job %s: model %s, source %s, destination %s", self.job_id, report.model,
+                                report.source, report.destination)
+                    try:
+                        refs = self._retry(lambda attempt: self.source.find(self.rules), "query", redact)
+                    except TransferError as err:
+                        raise TransferError(redact(str(err))) from None
+                    logger.info("job %s: %d series match the selection", self.job_id, len(refs))
+                    bar = tqdm(refs, desc=f"job {self.job_id}", unit="series", disable=None if self.progress else True)
+                    for ref in bar:
+                        report.series.append(self._convert(ref, journal, redact, work))
+                        bar.set_postfix(report.counts, refresh=False)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        report.duration_s = round(time.monotonic() - started, 3)
+        counts = report.counts
+        logger.info(
+            "job %s: %d converted, %d skipped, %d failed in %.1f s (%.2f series/min)",
+            self.job_id, counts["converted"], counts["skipped"], counts["failed"], report.duration_s,
+            report.series_per_minute,
+        )
+        return report
+
+    def _retry(self, step: Callable[[int], T], what: str, redact: Redactor, name: str = "-") -> T:
+        """``step(attempt)``, tried again after a ``TransferError`` until ``attempts`` tries failed."""
+        attempt = 1
+        while True:
+            try:
+                return step(attempt)
+            except TransferError as err:
+                if attempt >= self.attempts:
+                    raise
+                wait = self.backoff_s * 2 ** (attempt - 1)
+                attempt += 1
+                logger.warning("job %s %s: %s failed (%s); try %d of %d in %.1f s", self.job_id, name, what,
+                               redact(str(err)), attempt, self.attempts, wait)
+                time.sleep(wait)
+
+    def _convert(self, ref: SeriesRef, journal: Journal, redact: Redactor, work: Path) -> SeriesResult:
+        name = redact.uid(ref.series_uid, "series")
+        result = SeriesResult(name, redact.uid(ref.study_uid, "study"), ref.modality, ref.series_number, "skipped")
+        entry = journal.get(ref.series_uid)
+        if entry is not None and entry.status == "done":
+            result.reason, result.output_series = "converted earlier", redact.uid(entry.output_series_uid, "series")
+            logger.info("job %s %s: skipped, converted earlier", self.job_id, name)
+            return result
+        if entry is not None and entry.status == "failed" and entry.permanent and not self.retry_failed:
+            result.reason = f"refused earlier: {entry.reason}"
+            logger.info("job %s %s: skipped, its input was refused earlier", self.job_id, name)
+            return result
+
+        journal.start(ref.series_uid)
+        result.attempts = (entry.attempts if entry else 0) + 1
+        started = time.monotonic()
+        scratch = work / name.replace(":", "-")
+        try:
+            output_uid = self._convert_series(ref, scratch, redact, name)
+        except Exception as err:  # noqa: BLE001 - one series never stops the batch
+            known = isinstance(err, (DRDDInputError, TransferError))
+            permanent = isinstance(err, DRDDInputError)
+            reason = redact(str(err) if known else f"{type(err).__name__}: {err}")
+            result.status, result.reason = "failed", reason
+            result.duration_s = round(time.monotonic() - started, 3)
+            journal.fail(ref.series_uid, reason, permanent, result.duration_s)
+            logger.error("job %s %s: failed (%s): %s", self.job_id, name, "input refused" if permanent else "error",
+                         reason)
+            return result
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        result.status, result.output_series = "converted", redact.uid(output_uid, "series")
+        result.duration_s = round(time.monotonic() - started, 3)
+        journal.finish(ref.series_uid, output_uid, result.duration_s)
+        logger.info("job %s %s: converted in %.1f s", self.job_id, name, result.duration_s)
+        return result
+
+    def _convert_series(self, ref: SeriesRef, scratch: Path, redact: Redactor, name: str) -> str:
+        """Fetch, read, translate, write and deliver one series; returns the synthetic series' UID."""
+        files = self._retry(lambda attempt: self.source.fetch(ref, scratch / f"source-{attempt}"), "fetch", redact,
+                            name)
+        # know the patient's name before any message could quote a file named after it; an
+        # unreadable file is reported by the reader just below
+        with quiet_pydicom(), contextlib.suppress(Exception):
+            redact.hide_header(pydicom.dcmread(files[0], stop_before_pixels=True))
+        info = scan_dicom_series(
+            files, SeriesSelection(series_uid=ref.series_uid), expected_modality=self.translator.source_modality
+        )
+        volume = read_dicom_series(info)
+        synthetic_hu = self.translator.translate(volume, name)
+        written = write_derived_ct_series(
+            synthetic_hu, info, scratch / "synthetic", self.translator.model_name, self.translator.model_version
+        )
+        with quiet_pydicom():
+            output_uid = str(pydicom.dcmread(written[0], stop_before_pixels=True).SeriesInstanceUID)
+        self._retry(lambda attempt: self.destination.deliver(written, output_uid), "delivery", redact, name)
+        return output_uid

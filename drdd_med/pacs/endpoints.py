@@ -1,0 +1,183 @@
+"""Where source series come from and where synthetic series go: common types and folder endpoints.
+
+A *source* finds the series that match ``SeriesRules`` (``find``) and puts one series' files into
+a folder (``fetch``); a *destination* takes the files of one synthetic series (``deliver``). Both
+raise ``TransferError`` for failures worth retrying (network, PACS status) and nothing else of
+their own, and have ``description`` (for logs), ``private`` (strings never to log, e.g. folder
+paths) and ``close()``; a destination also has ``key``, its identity in the job journal.
+``open_source`` / ``open_destination`` build them from a folder path, a ``dimse://AET@host:port``
+address or a DICOMweb ``http(s)://`` URL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drdd_med.data.dicom import SeriesSelection, list_dicom_series
+from drdd_med.data.files import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    """A PACS or network failure: refused association, failure status, dropped connection, HTTP error."""
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """A source series found by a query; ``files`` only for series already on disk."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str
+    series_number: int | None
+    study_date: str = ""
+    num_instances: int | None = None
+    files: tuple[Path, ...] = field(default=(), repr=False)
+
+
+def _check_date(value: str | None, name: str) -> str | None:
+    if value:
+        try:
+            datetime.datetime.strptime(value, "%Y%m%d")
+        except ValueError:
+            raise ValueError(f"{name} must be a date YYYYMMDD, got {value!r}") from None
+    return value or None
+
+
+@dataclass(frozen=True)
+class SeriesRules:
+    """Which series to convert: every rule given must hold.
+
+    ``modality`` matches exactly, ``description`` is a regular expression searched in
+    SeriesDescription (case-insensitive), ``study_uids``/``series_uids`` are lists of allowed
+    UIDs, ``date_from``/``date_to`` bound StudyDate (YYYYMMDD, inclusive).
+    """
+
+    modality: str | None = None
+    description: str | None = None
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    date_from: str | None = None
+    date_to: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "date_from", _check_date(self.date_from, "date_from"))
+        object.__setattr__(self, "date_to", _check_date(self.date_to, "date_to"))
+        object.__setattr__(self, "study_uids", tuple(self.study_uids))
+        object.__setattr__(self, "series_uids", tuple(self.series_uids))
+
+    @property
+    def study_date_range(self) -> str:
+        """The date rule as a DICOM range matching value ("" for none)."""
+        if not (self.date_from or self.date_to):
+            return ""
+        return f"{self.date_from or ''}-{self.date_to or ''}"
+
+    def matches(self, ref: SeriesRef) -> bool:
+        if not SeriesSelection(modality=self.modality, description=self.description).matches(ref):
+            return False
+        if self.study_uids and ref.study_uid not in self.study_uids:
+            return False
+        if self.series_uids and ref.series_uid not in self.series_uids:
+            return False
+        if (self.date_from or self.date_to) and not ref.study_date:
+            return False
+        return (not self.date_from or ref.study_date >= self.date_from) and (
+            not self.date_to or ref.study_date <= self.date_to
+        )
+
+
+class FolderSource:
+    """DICOM files in a folder tree, any layout; series are found by reading every header once."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root.name}: the source folder does not exist")
+        self.description = "folder"
+        self.private = (str(self.root.resolve()),)  # paths often name patients: never in logs
+
+    def find(self, rules: SeriesRules) -> list[SeriesRef]:
+        refs = [
+            SeriesRef(s.series_uid, s.study_uid, s.modality, s.description, s.series_number, s.study_date,
+                      len(s.files), s.files)
+            for s in list_dicom_series(self.root)
+        ]
+        unnamed = sum(not ref.series_uid for ref in refs)
+        if unnamed:  # the journal needs a key
+            logger.warning("skipped %d file group(s) without SeriesInstanceUID", unnamed)
+        return [ref for ref in refs if ref.series_uid and rules.matches(ref)]
+
+    def fetch(self, ref: SeriesRef, folder: Path) -> Sequence[Path]:
+        return ref.files
+
+    def close(self) -> None:
+        pass
+
+
+class FolderDestination:
+    """Each synthetic series in its own folder ``ROOT/<SeriesInstanceUID>/``, replaced whole on a redo."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.key = f"folder:{self.root.resolve()}"
+        self.description = "folder"
+        self.private = (str(self.root.resolve()),)
+
+    def deliver(self, files: Sequence[Path], series_uid: str) -> None:
+        for stale in self.root.glob(f".{series_uid}.*.partial"):  # left by a run killed while copying
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_output_dir(self.root / series_uid, overwrite=True) as staging:
+            for file in files:
+                shutil.copyfile(file, staging / file.name)
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(
+    spec: str,
+    *,
+    calling_aet: str = "DRDD",
+    retrieve: str = "get",
+    move_port: int | None = None,
+    move_host: str = "",
+    auth: tuple[str, str] | None = None,
+    timeout: float = 30.0,
+):
+    """A source from a folder path, a ``dimse://AET@host:port`` address or a DICOMweb ``http(s)://`` URL.
+
+    DIMSE options: our ``calling_aet``, ``retrieve`` by "get" or "move" (to our storage SCP on
+    ``move_host``:``move_port``); DICOMweb: ``auth`` (user, password). ``timeout`` in seconds.
+    """
+    if spec.startswith("dimse://"):
+        from drdd_med.pacs.dimse import DimseNode, DimseSource
+
+        return DimseSource(DimseNode.parse(spec), calling_aet, retrieve, move_port, move_host, timeout)
+    if spec.startswith(("http://", "https://")):
+        from drdd_med.pacs.dicomweb import DicomwebSource
+
+        return DicomwebSource(spec, auth, timeout)
+    return FolderSource(spec)
+
+
+def open_destination(spec: str, *, calling_aet: str = "DRDD", auth: tuple[str, str] | None = None,
+                     timeout: float = 30.0):
+    """A destination from a folder path, a ``dimse://AET@host:port`` address or a DICOMweb URL."""
+    if spec.startswith("dimse://"):
+        from drdd_med.pacs.dimse import DimseDestination, DimseNode
+
+        return DimseDestination(DimseNode.parse(spec), calling_aet, timeout)
+    if spec.startswith(("http://", "https://")):
+        from drdd_med.pacs.dicomweb import DicomwebDestination
+
+        return DicomwebDestination(spec, auth, timeout)
+    return FolderDestination(spec)

@@ -1,0 +1,126 @@
+"""The job journal: which source series were converted by which model to which destination.
+
+One SQLite row per (source series, model id, destination). A series is marked ``running`` before
+its work starts and ``done`` only after the destination accepted every instance, each change in
+its own committed transaction, so a run killed at any point (even ``kill -9``) leaves rows that
+say exactly what is finished. A restarted run redoes ``running`` rows; because the synthetic
+series' UIDs are derived from the source and the model, redoing resends the same objects and the
+destination still holds one series. One run at a time may use a journal (a lock on a file beside
+it, released by the system when the process dies).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import os
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    source_series_uid TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+    permanent INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    output_series_uid TEXT NOT NULL DEFAULT '',
+    job_id TEXT NOT NULL,
+    duration_s REAL,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (source_series_uid, model_id, destination)
+);
+"""
+
+
+class JournalLockedError(RuntimeError):
+    """Another run is using the journal."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    status: str
+    permanent: bool
+    attempts: int
+    reason: str
+    output_series_uid: str
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Journal:
+    """The SQLite journal of one destination's conversions; use as a context manager.
+
+    ``model_id`` and ``destination`` fix the part of the key that stays the same in one run.
+    """
+
+    def __init__(self, path: str | os.PathLike, model_id: str, destination: str, job_id: str):
+        self.path = Path(path)
+        self.model_id, self.destination, self.job_id = model_id, destination, job_id
+        self._db: sqlite3.Connection | None = None
+        self._lock = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path.with_name(self.path.name + ".lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise JournalLockedError(f"{self.path.name}: another conversion run is using this journal") from None
+        self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: every change is durable at once
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.executescript(SCHEMA)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._db.close()
+        self._lock.close()
+
+    def secret_key(self) -> bytes:
+        """The key of this journal's UID hashes (made once, kept in the journal)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO settings VALUES ('uid_hash_key', ?)", (secrets.token_hex(32),)
+        )
+        (value,) = self._db.execute("SELECT value FROM settings WHERE name = 'uid_hash_key'").fetchone()
+        return bytes.fromhex(value)
+
+    def get(self, series_uid: str) -> Entry | None:
+        row = self._db.execute(
+            "SELECT status, permanent, attempts, reason, output_series_uid FROM series "
+            "WHERE source_series_uid = ? AND model_id = ? AND destination = ?",
+            (series_uid, self.model_id, self.destination),
+        ).fetchone()
+        return None if row is None else Entry(row[0], bool(row[1]), row[2], row[3], row[4])
+
+    def start(self, series_uid: str) -> None:
+        """Mark a series as being converted (one more attempt)."""
+        self._db.execute(
+            "INSERT INTO series (source_series_uid, model_id, destination, status, attempts, job_id, updated) "
+            "VALUES (?, ?, ?, 'running', 1, ?, ?) "
+            "ON CONFLICT (source_series_uid, model_id, destination) DO UPDATE SET status = 'running', permanent = 0, attempts = attempts + 1, reason = '', "
+            "job_id = excluded.job_id, updated = excluded.updated",
+            (series_uid, self.model_id, self.destination, self.job_id, _now()),
+        )
+
+    def finish(self, series_uid: str, output_series_uid: str, duration_s: float) -> None:
+        self._set(series_uid, "done", False, "", output_series_uid, duration_s)
+
+    def fail(self, series_uid: str, reason: str, permanent: bool, duration_s: float) -> None:
+        """Record a failure; ``permanent`` ones (refused input) are not retried by later runs by default."""
+        self._set(series_uid, "failed", permanent, reason, "", duration_s)
+
+    def _set(self, series_uid, status, permanent, reason, output_series_uid, duration_s) -> None:
+        self._db.execute(
+            "UPDATE series SET status = ?, permanent = ?, reason = ?, output_series_uid = ?, duration_s = ?, "
+            "job_id = ?, updated = ? WHERE source_series_uid = ? AND model_id = ? AND destination = ?",
+            (status, int(permanent), reason, output_series_uid, duration_s, self.job_id, _now(),
+             series_uid, self.model_id, self.destination),
+        )

@@ -1,0 +1,125 @@
+"""``drdd-med convert`` between folders: values, per-series failures, reruns, reports and PHI-free logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pacs_helpers import (
+    PATIENT,
+    PHI_STRINGS,
+    check_synthetic_series,
+    model_args,
+    write_demo_study,
+    write_refused_series,
+)
+
+from drdd_med.cli import main
+from drdd_med.pacs.demo import volume_to_dicom_series
+
+
+@pytest.fixture
+def hospital_folder(tmp_path) -> dict:
+    """Two good MR studies, three refused MR series, a CT series (not selected) and a stray text file."""
+    root = tmp_path / "incoming"
+    good = {seed: write_demo_study(root, seed)[0] for seed in (1, 2)}
+    refused = write_refused_series(root)
+    volume_to_dicom_series(np.zeros((4, 4, 2)), np.eye(4), root / "Zzyzx_Quuxley" / "ct", modality="CT", **PATIENT)
+    (root / "README.txt").write_text("exported by the PACS on request of Zzyzx^Quuxley")
+    return {"root": root, "good": good, "refused": refused}
+
+
+def convert(args: list[str], capsys) -> tuple[int, str]:
+    code = main(["-v", "convert", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def series_uid(file: Path) -> str:
+    return str(pydicom.dcmread(file, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def referenced_series(folder: Path) -> str:
+    """The source series a synthetic series folder references."""
+    ds = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+    return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+
+
+def read_report(prefix: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads(prefix.with_name(prefix.name + ".json").read_text())
+    with open(prefix.with_name(prefix.name + ".csv"), newline="") as handle:
+        return summary, list(csv.DictReader(handle))
+
+
+def test_folder_run_converts_good_series_reports_refused_ones_and_logs_no_patient_data(
+    tmp_path, hospital_folder, tiny_model, nifti_reference, capsys, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    out, runs = tmp_path / "synthetic", tmp_path / "runs"
+    code, printed = convert([str(hospital_folder["root"]), str(out), *model_args(tiny_model),
+                             "--journal", str(runs / "journal.sqlite"), "--report", str(runs / "first")], capsys)
+    assert code == 1  # some series failed, the batch went on
+
+    summary, rows = read_report(runs / "first")
+    assert summary["counts"] == {"converted": 2, "skipped": 0, "failed": 3}
+    assert len(rows) == 5 and summary["model"].startswith("drdd_mr2ct 0.1.0+")
+    reasons = " | ".join(row["reason"] for row in rows if row["status"] == "failed")
+    for expected in ("no CT, MR or PET DICOM images found (1 not a CT, MR or PET image)",
+                     "sheared slice stack (gantry tilt", "uneven slice spacing", "missing slices?"):
+        assert expected in reasons
+    assert all(float(row["duration_s"]) > 0 and row["series"].startswith("series:") for row in rows)
+
+    written = {referenced_series(folder): sorted(folder.iterdir()) for folder in out.iterdir()}
+    assert len(written) == 2
+    for seed, source_files in hospital_folder["good"].items():
+        check_synthetic_series(written[series_uid(source_files[0])], source_files, nifti_reference(seed))
+
+    log = printed + caplog.text + (runs / "first.csv").read_text() + (runs / "first.json").read_text()
+    assert "converted in" in log and "job " in log
+    for secret in (*PHI_STRINGS, str(hospital_folder["root"]), str(tmp_path)):
+        assert secret not in log, secret
+    for source_files in hospital_folder["good"].values():  # UIDs appear only as keyed hashes
+        assert series_uid(source_files[0]) not in log
+
+
+def test_rerun_adds_nothing_and_refused_input_is_retried_only_on_request(tmp_path, hospital_folder, tiny_model,
+                                                                          capsys):
+    out, journal = tmp_path / "synthetic", tmp_path / "runs" / "journal.sqlite"
+    common = [str(hospital_folder["root"]), str(out), *model_args(tiny_model), "--journal", str(journal)]
+    assert convert([*common, "--report", str(tmp_path / "runs" / "first")], capsys)[0] == 1
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    code, _ = convert([*common, "--report", str(tmp_path / "runs" / "again")], capsys)
+    summary, rows = read_report(tmp_path / "runs" / "again")
+    assert code == 0 and summary["counts"] == {"converted": 0, "skipped": 5, "failed": 0}
+    assert sorted(row["reason"].split(":")[0] for row in rows) == ["converted earlier"] * 2 + ["refused earlier"] * 3
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps  # nothing rewritten, nothing added
+
+    code, _ = convert([*common, "--retry-failed", "--report", str(tmp_path / "runs" / "retry")], capsys)
+    summary, rows = read_report(tmp_path / "runs" / "retry")
+    assert code == 1 and summary["counts"] == {"converted": 0, "skipped": 2, "failed": 3}
+    assert {row["attempts"] for row in rows if row["status"] == "failed"} == {"2"}
+
+
+def test_selection_rules_and_usage_errors(tmp_path, hospital_folder, tiny_model, capsys):
+    out, journal = tmp_path / "synthetic", tmp_path / "journal.sqlite"
+    common = [str(hospital_folder["root"]), str(out), *model_args(tiny_model), "--journal", str(journal)]
+    code, _ = convert([*common, "--description", "^t1 ax", "--report", str(tmp_path / "t1")], capsys)
+    summary, _ = read_report(tmp_path / "t1")  # the demo series, one of them with a slice missing
+    assert code == 1 and summary["counts"] == {"converted": 2, "skipped": 0, "failed": 1}
+    code, _ = convert([*common, "--date-to", "20240102", "--report", str(tmp_path / "old")], capsys)
+    summary, _ = read_report(tmp_path / "old")  # only the spectroscopy object is that old
+    assert code == 1 and summary["counts"] == {"converted": 0, "skipped": 0, "failed": 1}
+
+    code, printed = convert([*common, "--date-from", "2024-01-01"], capsys)
+    assert code == 2 and "YYYYMMDD" in printed
+    code, printed = convert([str(tmp_path / "nowhere"), str(out), *model_args(tiny_model)], capsys)
+    assert code == 2 and "source folder does not exist" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0 and "exactly once" in capsys.readouterr().out
