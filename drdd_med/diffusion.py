@@ -60,11 +60,17 @@ class DRDDSchedule:
         """Noise level ``σ_t`` for integer ``t`` (any shape); 0 for ``t < 0``."""
         return _lookup(self.noise_level, t)
 
-    def step_pairs(self, num_steps: int) -> list[tuple[int, int]]:
-        """Sampling grid ``int(linspace(−1, T−1, S+1))`` reversed, as ``(t, t_next)`` pairs."""
-        if num_steps < 1 or num_steps > self.num_train_timesteps:
-            raise ValueError(f"number of steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
-        times = torch.linspace(-1, self.num_train_timesteps - 1, num_steps + 1, dtype=torch.float64)
+    def step_pairs(self, num_steps: int, first: int | None = None) -> list[tuple[int, int]]:
+        """Sampling grid ``int(linspace(−1, first, S+1))`` reversed, as ``(t, t_next)`` pairs.
+
+        ``first`` is the first timestep, ``T−1`` by default (the method's grid).
+        """
+        first = self.num_train_timesteps - 1 if first is None else first
+        if not 0 <= first < self.num_train_timesteps:
+            raise ValueError(f"first timestep must be in [0, {self.num_train_timesteps - 1}], got {first}")
+        if num_steps < 1 or num_steps > first + 1:
+            raise ValueError(f"number of steps must be in [1, {first + 1}], got {num_steps}")
+        times = torch.linspace(-1, first, num_steps + 1, dtype=torch.float64)
         times = [int(t) for t in times.tolist()][::-1]
         return list(zip(times[:-1], times[1:]))
 
@@ -154,6 +160,13 @@ class DRDDSampler:
     ``eta`` = 0 is deterministic given the start noise; ``eta`` > 0 adds fresh noise in each step
     with ``c² = η (σ²_t − σ²_{t_next}) σ²_{t_next} / σ²_t``. ``start_scale`` s sets the start
     ``x = x_in + sqrt(s) ε`` (the reference behaviour, kept as the method page says).
+
+    ``noise_steps`` = 0 leaves the noise phase out: with ``start_scale`` 0 the residual phase
+    alone maps ``x_in`` to ``x_in − a_{T−1} r̂``, a deterministic estimate of the clean target, for
+    tasks where the noise stage would recreate from σ ≈ 1 contrasts that must be kept (low-dose CT).
+    ``noise_start`` is the timestep the noise phase starts from: ``T−1`` by default (the method);
+    a lower ``t`` treats what is left after the residual phase as noise of level ``σ_t`` (pair it
+    with ``start_scale`` ``σ_t²`` or 0), for studies of the noise stage at low noise levels.
     """
 
     schedule: DRDDSchedule
@@ -161,14 +174,17 @@ class DRDDSampler:
     noise_steps: int = 2
     eta: float = 0.0
     start_scale: float = 1.0
+    noise_start: int | None = None
 
     def __post_init__(self):
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.start_scale < 0:
             raise ValueError(f"start_scale must be >= 0, got {self.start_scale}")
+        if self.noise_steps < 0:
+            raise ValueError(f"noise_steps must be >= 0, got {self.noise_steps}")
         self.residual_pairs = self.schedule.step_pairs(self.residual_steps)
-        self.noise_pairs = self.schedule.step_pairs(self.noise_steps)
+        self.noise_pairs = self.schedule.step_pairs(self.noise_steps, self.noise_start) if self.noise_steps else []
 
     def _c(self, t: int, t_next: int) -> float:
         """Standard deviation of the fresh noise added when stepping ``t -> t_next``."""

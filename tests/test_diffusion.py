@@ -91,6 +91,32 @@ def test_oracle_full_sampler_from_forward_point(schedule, steps):
     torch.testing.assert_close(x, y, rtol=0, atol=1e-9)
 
 
+def test_residual_phase_only_from_the_source_itself(schedule):
+    """``noise_steps`` 0 and ``start_scale`` 0: the oracle residual phase removes ``a_{T−1}`` of ``r`` from ``x_in``."""
+    y, x_in, _ = _images((6, 6))
+    r = x_in - y
+    sampler = DRDDSampler(schedule, residual_steps=2, noise_steps=0, start_scale=0.0)
+    calls = []
+    out = sampler.sample(x_in, lambda x, tau: r, lambda x, tau: calls.append(tau) or x)
+    assert not calls  # the noise network is never run
+    torch.testing.assert_close(out, y + (1 - schedule.residual_weight[-1]) * r, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="noise_steps"):
+        DRDDSampler(schedule, noise_steps=-1)
+
+
+@pytest.mark.parametrize("first, steps", [(0, 1), (5, 1), (5, 2), (120, 4)])
+def test_oracle_noise_phase_from_a_lower_noise_level(schedule, first, steps):
+    y, _, eps = _images((6, 6))
+    sampler = DRDDSampler(schedule, noise_steps=steps, noise_start=first)
+    assert sampler.noise_pairs[0][0] == first and sampler.noise_pairs[-1][1] == -1
+    end = sampler.noise_phase(y + schedule.noise_level[first] * eps, noise_oracle(schedule, y))
+    torch.testing.assert_close(end, y, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="first timestep"):
+        DRDDSampler(schedule, noise_start=1000)
+    with pytest.raises(ValueError, match="number of steps"):
+        DRDDSampler(schedule, noise_steps=3, noise_start=1)
+
+
 def test_default_start_is_the_reference_start(schedule):
     _, x_in, _ = _images((5, 5))
     sampler = DRDDSampler(schedule, start_scale=0.25)
