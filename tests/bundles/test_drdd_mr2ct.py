@@ -1,5 +1,6 @@
 """The drdd_mr2ct bundle end to end: the README's commands on demo data, outputs, reruns, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -94,6 +95,17 @@ def test_inference_writes_synthetic_ct_on_the_source_grid_and_reruns_skip(traine
     log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)
     assert "2 of 2 cases have a synthetic CT already" in log
     assert stamps == [(root / "eval" / c / "sct.nii.gz").stat().st_mtime_ns for c in cases]
+
+
+def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
+    root, _ = trained
+    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)  # skips finished cases
+    bundle_run("run", "--config_file", "bundles/drdd_mr2ct/configs/evaluate.json", "--bundle_root", str(root))
+    summary = json.loads((root / "eval_metrics" / "summary.json").read_text())
+    assert summary["counts"]["evaluated"] == 2
+    for name in ("mae", "psnr", "ssim", "ms_ssim"):
+        assert summary["metrics"][name]["count"] == 2, name
+    assert 0 < summary["metrics"]["mae"]["mean"] < 2000
 
 
 def test_inference_refuses_a_checkpoint_of_another_network_size(trained):
