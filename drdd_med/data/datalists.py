@@ -239,3 +239,209 @@ def inference_datalist(
 
 def _source_only(item: dict) -> dict:
     return {k: v for k, v in item.items() if k in ("case_id", "source", "target", "mask")}
+
+
+# --- Low-dose CT -----------------------------------------------------------------------------------
+# AAPM/Mayo 2016 Low Dose CT Grand Challenge: ten patients, each a quarter-dose and a full-dose DICOM
+# series of the same slices; customarily nine train and L506 is held out for testing.
+MAYO_SOURCE_FOLDER, MAYO_TARGET_FOLDER = "quarter_1mm", "full_1mm"
+MAYO_TEST_PATIENTS = ("L506",)
+HELDOUT_RECORD = ".drdd-heldout.json"  # hidden: evaluate_folders ignores names starting with "."
+BODY_THRESHOLD_HU = -500.0
+
+
+def mayo_datalist(
+    root: str | os.PathLike, source_folder: str = MAYO_SOURCE_FOLDER, target_folder: str = MAYO_TARGET_FOLDER
+) -> list[dict]:
+    """Patients of an AAPM/Mayo 2016 folder as ``{"case_id", "source", "target"}`` (DICOM folders), sorted.
+
+    Layouts: ``ROOT/L067/{quarter_1mm,full_1mm}/*.IMA`` (the customary one) or
+    ``ROOT/{quarter_1mm,full_1mm}/L067/...``. Another reconstruction (e.g. ``quarter_3mm``) is
+    picked with ``source_folder``/``target_folder``. A patient with only one of the two folders is an
+    error naming the patient; a root with neither layout gives ``[]``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    if (root / source_folder).is_dir() or (root / target_folder).is_dir():  # dose folder first
+        patients = {p.name for folder in (source_folder, target_folder) if (root / folder).is_dir()
+                    for p in (root / folder).iterdir() if p.is_dir()}
+        paths = {name: (root / source_folder / name, root / target_folder / name) for name in patients}
+    else:
+        patients = {p.name for p in root.iterdir() if p.is_dir() and ((p / source_folder).is_dir() or (p / target_folder).is_dir())}
+        paths = {name: (root / name / source_folder, root / name / target_folder) for name in patients}
+    items = []
+    for name in sorted(paths):
+        source, target = paths[name]
+        for path, folder in ((source, source_folder), (target, target_folder)):
+            if not path.is_dir():
+                raise DRDDInputError(f"patient {name}: no {folder} folder; each patient needs {source_folder} and {target_folder}")
+        items.append({"case_id": name, "source": str(source), "target": str(target)})
+    return items
+
+
+def _case_seed(case_id: str, seed: int) -> int:
+    """A per-case noise seed independent of list order, so a held-out input never depends on the split."""
+    import zlib
+
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode())]).generate_state(1)[0])
+
+
+def _file_stamp(path: str | os.PathLike) -> dict:
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {"path": str(path), "files": len(files), "bytes": sum(p.stat().st_size for p in files),
+            "mtime_ns": max((p.stat().st_mtime_ns for p in files), default=0)}
+
+
+def prepare_heldout_case(item: dict, heldout_dir: str | os.PathLike, dose_fraction: float, seed: int = 0) -> dict:
+    """Write one held-out case as ``HELDOUT/<case>/{ldct,ct,mask}.nii.gz`` and return its datalist item.
+
+    ``item`` has ``case_id``, ``target`` (full-dose CT: image file or DICOM folder) and optionally
+    ``source`` (a real low-dose scan of the same slices). Without a source the low-dose scan is
+    simulated at ``dose_fraction`` with a noise seed drawn from ``seed`` and the case id, so the
+    input of a case is the same whatever the split or the order. ``mask`` is the body of the
+    full-dose CT (> -500 HU). Both scans must be CT in HU on one grid (errors name the case). A
+    hidden record of what the files were made from lets a rerun reuse them, and rewrite them when
+    the dose, the seed or an input file changed.
+    """
+    import json
+
+    from drdd_med.data.readers import load_volume
+    from drdd_med.data.writers import write_volume
+    from drdd_med.errors import GridMismatchError
+    from drdd_med.ldct import check_dose_fraction, check_hounsfield, simulate_low_dose
+    from drdd_med.transforms.array import BodyMask
+
+    case_id = item["case_id"]
+    case_dir = Path(heldout_dir) / case_id
+    paths = {"source": case_dir / "ldct.nii.gz", "target": case_dir / "ct.nii.gz", "mask": case_dir / "mask.nii.gz"}
+    recipe = {"target": _file_stamp(item["target"])}
+    if "source" in item:
+        recipe["source"] = _file_stamp(item["source"])
+    else:
+        recipe.update(dose_fraction=check_dose_fraction(dose_fraction), seed=_case_seed(case_id, seed))
+    record = case_dir / HELDOUT_RECORD
+    if record.is_file() and all(p.is_file() for p in paths.values()):
+        try:
+            if json.loads(record.read_text()) == recipe:
+                return {"case_id": case_id, **{k: str(p) for k, p in paths.items()}}
+        except ValueError:
+            pass  # an unreadable record: write the case again
+
+    target = load_volume(item["target"], expected_modality="CT")
+    check_hounsfield(target, f"{case_id}/target")
+    affine = np.asarray(target.affine, dtype=np.float64)
+    if "source" in item:
+        source = load_volume(item["source"], expected_modality="CT")
+        check_hounsfield(source, f"{case_id}/source")
+        if tuple(source.shape) != tuple(target.shape) or not np.allclose(source.affine, affine, atol=1e-3):
+            raise GridMismatchError(f"{case_id}: the low-dose and full-dose scans are not on one voxel grid "
+                                    f"(shapes {tuple(source.shape)} and {tuple(target.shape)})")
+        source = source.numpy()
+    else:
+        spacing = np.linalg.norm(affine[:3, :2], axis=0)
+        source = simulate_low_dose(target.numpy(), spacing, recipe["dose_fraction"], seed=recipe["seed"],
+                                   name=f"{case_id}/target")
+    mask = BodyMask(threshold=BODY_THRESHOLD_HU)(target[None])[0].numpy()
+    record.unlink(missing_ok=True)  # the files below no longer match the old record
+    write_volume(source, affine, paths["source"], overwrite=True)
+    write_volume(target.numpy(), affine, paths["target"], overwrite=True)
+    write_volume(mask, affine, paths["mask"], dtype=np.uint8, overwrite=True)
+    record.write_text(json.dumps(recipe, indent=1))
+    return {"case_id": case_id, **{k: str(p) for k, p in paths.items()}}
+
+
+def prepare_ldct_datalists(
+    dataset_dir: str | os.PathLike,
+    heldout_dir: str | os.PathLike,
+    num_validation: int = 4,
+    held_out: Sequence[str] = MAYO_TEST_PATIENTS,
+    dose_fraction: float = 0.25,
+    generate_demo: bool = True,
+    demo_cases: int = 16,
+    demo_shape: Sequence[int] = (128, 128, 48),
+    demo_spacing: Sequence[float] = (1.5, 1.5, 3.0),
+    seed: int = 0,
+) -> dict[str, list[dict]]:
+    """The datalists of a low-dose CT bundle: ``paired``, ``pool`` (full-dose CT) and ``validation``.
+
+    ``dataset_dir`` is either
+
+    - an AAPM/Mayo 2016 folder (``mayo_datalist``): ``paired`` items hold the real quarter-dose
+      ``source`` and full-dose ``target`` series; the patients in ``held_out`` (default L506) are
+      the validation cases; or
+    - a folder of full-dose CT volumes (searched recursively; ``target_pool``): ``paired`` items hold
+      only the ``target``, the training pipeline simulates the low-dose ``source``;
+      ``num_validation`` cases are held out with ``seed``. When the folder holds no volume and
+      ``generate_demo`` is true, ``demo_cases`` CT-only demo head phantoms of ``demo_shape`` voxels
+      at ``demo_spacing`` mm are written there first.
+
+    Held-out cases are written to ``heldout_dir`` by ``prepare_heldout_case`` (real low-dose scan,
+    or one simulated at ``dose_fraction``), so that validation, inference and scoring all read the
+    same input files. ``pool`` is the full-dose CT of every training case, for the noise stage.
+    """
+    from drdd_med.ldct import check_dose_fraction
+
+    check_dose_fraction(dose_fraction)
+    dataset_dir, heldout_dir = Path(dataset_dir).resolve(), Path(heldout_dir).resolve()
+    if heldout_dir == dataset_dir or dataset_dir in heldout_dir.parents:
+        raise ValueError(f"heldout_dir must lie outside dataset_dir ({dataset_dir}); its files would count as cases")
+    cases = mayo_datalist(dataset_dir)
+    if cases:
+        ids = [item["case_id"] for item in cases]
+        missing = sorted(set(held_out) - set(ids))
+        if missing or len(set(held_out)) >= len(ids):
+            raise DRDDInputError(f"held-out patients {missing or list(held_out)} must be some, not all, of the "
+                                 f"patients found ({', '.join(ids)})")
+        training = [item for item in cases if item["case_id"] not in held_out]
+        validation = [item for item in cases if item["case_id"] in held_out]
+    else:
+        cases = target_pool(dataset_dir)
+        if not cases:
+            if not generate_demo:
+                raise DRDDInputError(
+                    "dataset_dir holds no full-dose CT volumes and no Mayo patient folders (<patient>/"
+                    f"{MAYO_SOURCE_FOLDER}, <patient>/{MAYO_TARGET_FOLDER}); point dataset_dir at your data or "
+                    "enable generate_demo to use the built-in demo data"
+                )
+            from drdd_med.data.demo import write_demo_dataset
+
+            summary = write_demo_dataset(dataset_dir, num_paired=0, num_unpaired=demo_cases, shape=demo_shape,
+                                         spacing=demo_spacing, seed=seed)
+            logger.info("dataset_dir holds no data: generated the built-in demo dataset there (%s)", _counts(summary))
+            cases = target_pool(dataset_dir)
+        training, validation = split_cases(cases, num_validation, seed)
+    validation = [prepare_heldout_case(item, heldout_dir, dose_fraction, seed) for item in validation]
+    pool = [{"case_id": item["case_id"], "target": item["target"]} for item in training]
+    logger.info("datalists: %d paired (%s low dose), %d full-dose CTs for the noise stage, %d held-out cases",
+                len(training), "real" if training and "source" in training[0] else "simulated", len(pool), len(validation))
+    return {"paired": training, "pool": pool, "validation": validation}
+
+
+def ldct_inference_datalist(
+    input_path: str | os.PathLike | None,
+    dataset_dir: str | os.PathLike,
+    heldout_dir: str | os.PathLike,
+    **split: object,
+) -> list[dict]:
+    """Low-dose scans to denoise: from ``input_path``, or else the held-out cases of ``dataset_dir``.
+
+    ``input_path`` may be a Mayo folder (every patient's quarter-dose series, with its full-dose
+    reference), a DICOM series (folder or file), or anything ``inference_datalist`` takes (image
+    file, folder of images, JSON datalist). Without it, ``prepare_ldct_datalists(dataset_dir,
+    heldout_dir, **split)`` gives the held-out cases (no demo data is generated here).
+    """
+    from drdd_med.data.readers import DICOM_SUFFIXES
+
+    if input_path is None or str(input_path) == "":
+        return prepare_ldct_datalists(dataset_dir, heldout_dir, generate_demo=False, **split)["validation"]
+    path = Path(input_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path.name}: the inference input does not exist")
+    patients = mayo_datalist(path)
+    if patients:
+        return patients
+    if path.is_dir() and not target_pool(path) or path.name.lower().endswith(DICOM_SUFFIXES):
+        return [{"case_id": path.stem if path.is_file() else path.name, "source": str(path)}]
+    return inference_datalist(path)
