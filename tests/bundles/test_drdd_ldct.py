@@ -53,25 +53,6 @@ def inferred(trained):
     return root, log
 
 
-def test_metadata_verifies_offline():
-    schema = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
-    schema = schema if schema.exists() else ROOT / "tests" / "meta_schema_20240725.json"
-    log = run("-m", "monai.bundle", "verify_metadata", "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-              "--filepath", str(schema))
-    assert "metadata is verified with no error" in log
-
-
-def test_bundle_layout():
-    for name in ("LICENSE", "configs/metadata.json", "configs/train.json", "configs/inference.json",
-                 "configs/evaluate.json", "configs/mayo.json", "configs/two_stage.json", "configs/logging.conf",
-                 "docs/README.md"):
-        assert (BUNDLE / name).is_file(), name
-    train = ConfigParser.load_config_file(BUNDLE / "configs" / "train.json")
-    for key in ("bundle_root", "dataset_dir", "output_dir", "device", "network_def", "max_epochs", "training", "run"):
-        assert key in train, key
-    assert "trainer" in train["train"] and "evaluator" in train["validate"]
-
-
 def test_training_generates_demo_data_held_out_inputs_and_checkpoints(trained):
     root, log = trained
     assert "dataset_dir holds no data: generated the built-in demo dataset" in log
