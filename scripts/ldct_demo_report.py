@@ -34,7 +34,9 @@ from monai.bundle import ConfigParser
 
 from drdd_med.baselines import DENOISERS, classical_denoise
 from drdd_med.data.datalists import prepare_heldout_case, prepare_ldct_datalists
+from drdd_med.data.files import atomic_output_dir
 from drdd_med.data.writers import write_volume
+from drdd_med.errors import OutputExistsError
 from drdd_med.evaluation import evaluate_folders
 from drdd_med.metrics.functional import HU_WINDOWS, windowed_psnr
 from drdd_med.visualize import mid_axial, save_panels
@@ -82,39 +84,11 @@ def calibrate(settings: dict, out: Path, num_cases: int) -> dict[str, float]:
     return {method: STRENGTHS[int(np.argmax(values))] for method, values in scores.items()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle_root", type=Path, default=Path("bundles/drdd_ldct"))
-    parser.add_argument("--config_file", type=Path, default=TRAIN_CONFIG, help="the bundle's training config")
-    parser.add_argument("--pred_dir", type=Path, help="DRDD outputs to score (default BUNDLE_ROOT/eval)")
-    parser.add_argument("--out", type=Path, help="report folder (default BUNDLE_ROOT/report)")
-    parser.add_argument("--calibration_cases", type=int, default=3, help="training cases that set the filter strengths")
-    parser.add_argument("--preview", type=Path, help="preview PNG (default REPORT/preview.png)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"a train.json setting ({', '.join(CONFIG_KEYS)}), e.g. dose_fraction=0.02")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    args = parser.parse_args(argv)
-    pred_dir = args.pred_dir or args.bundle_root / "eval"
-    out = args.out or args.bundle_root / "report"
-    settings = bundle_settings(args.config_file, args.bundle_root, args.override)
+def score(cases: list[str], pred_dir: Path, settings: dict, calibration_cases: int, out: Path,
+          preview: Path) -> tuple[dict, dict]:
+    """Write the baselines, every method's metrics and the preview into ``out``; return strengths and table."""
     heldout = Path(settings["heldout_dir"])
-    cases = sorted(p.name for p in pred_dir.iterdir() if (p / "sct.nii.gz").is_file()) if pred_dir.is_dir() else []
-    if not cases:
-        print(f"error: no <case>/sct.nii.gz under {pred_dir}; run the bundle's inference first", file=sys.stderr)
-        return 2
-    missing = [case for case in cases if not (heldout / case / "ldct.nii.gz").is_file()]
-    if missing:
-        print(f"error: {heldout} has no held-out input for {', '.join(missing)}", file=sys.stderr)
-        return 2
-    if out.exists():
-        if not args.overwrite:
-            print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
-
-    started = time.perf_counter()
-    strengths = calibrate(settings, out, args.calibration_cases)
-    print("filter strengths from training cases: " + ", ".join(f"{m} {s:g}" for m, s in strengths.items()))
+    strengths = calibrate(settings, out, calibration_cases)
     # the reference folder holds exactly the scored cases, so no other case counts as skipped
     folders = {"drdd": pred_dir, **{method: out / method for method in ("low_dose", *DENOISERS)}}
     for case in cases:
@@ -141,14 +115,50 @@ def main(argv=None) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
-    preview = args.preview or out / "preview.png"
     case = cases[0]
     slices = {m: mid_axial(read(folders[m] / case / "sct.nii.gz")[0]) for m in ("low_dose", *DENOISERS, "drdd")}
     reference = read(heldout / case / "ct.nii.gz")[0]
     panels = [(LABELS[m], image, HU_WINDOWS["abdomen"]) for m, image in slices.items()]
     panels.append(("full-dose reference", mid_axial(reference), HU_WINDOWS["abdomen"]))
     save_panels(preview, panels, title=f"held-out case {case}, abdomen window [-150, 250] HU", overwrite=True)
+    return strengths, table
 
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle_root", type=Path, default=Path("bundles/drdd_ldct"))
+    parser.add_argument("--config_file", type=Path, default=TRAIN_CONFIG, help="the bundle's training config")
+    parser.add_argument("--pred_dir", type=Path, help="DRDD outputs to score (default BUNDLE_ROOT/eval)")
+    parser.add_argument("--out", type=Path, help="report folder (default BUNDLE_ROOT/report)")
+    parser.add_argument("--calibration_cases", type=int, default=3, help="training cases that set the filter strengths")
+    parser.add_argument("--preview", type=Path, help="preview PNG (default REPORT/preview.png)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"a train.json setting ({', '.join(CONFIG_KEYS)}), e.g. dose_fraction=0.02")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    args = parser.parse_args(argv)
+    pred_dir = args.pred_dir or args.bundle_root / "eval"
+    out = args.out or args.bundle_root / "report"
+    settings = bundle_settings(args.config_file, args.bundle_root, args.override)
+    heldout = Path(settings["heldout_dir"])
+    cases = sorted(p.name for p in pred_dir.iterdir() if (p / "sct.nii.gz").is_file()) if pred_dir.is_dir() else []
+    if not cases:
+        print(f"error: no <case>/sct.nii.gz under {pred_dir}; run the bundle's inference first", file=sys.stderr)
+        return 2
+    missing = [case for case in cases if not (heldout / case / "ldct.nii.gz").is_file()]
+    if missing:
+        print(f"error: {heldout} has no held-out input for {', '.join(missing)}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        with atomic_output_dir(out, overwrite=args.overwrite) as staging:  # no half report after a crash
+            preview = args.preview or staging / "preview.png"
+            strengths, table = score(cases, pred_dir, settings, args.calibration_cases, staging, preview)
+    except OutputExistsError:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    preview = args.preview or out / "preview.png"
+
+    print("filter strengths from training cases: " + ", ".join(f"{m} {s:g}" for m, s in strengths.items()))
     print(f"{len(cases)} held-out cases ({', '.join(cases)}), dose fraction {settings['dose_fraction']:g}, "
           f"inside the body mask; {time.perf_counter() - started:.0f} s")
     header = ["PSNR abd (dB)", "SSIM abd", "RMSE abd (HU)", "PSNR RED-CNN (dB)", "SSIM RED-CNN"]

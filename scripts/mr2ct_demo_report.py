@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,10 +21,33 @@ import nibabel as nib
 import numpy as np
 
 from drdd_med.baselines import monotone_intensity_baseline
+from drdd_med.data.files import atomic_output_dir
 from drdd_med.data.writers import write_volume
+from drdd_med.errors import OutputExistsError
 from drdd_med.evaluation import evaluate_folders
 
 METRICS = ("mae", "psnr", "ssim", "tissue_mae")
+
+
+def score(cases: list[str], pred_dir: Path, cases_dir: Path, out: Path) -> dict:
+    """Write the baseline's predictions and both methods' metrics into ``out``; return the table."""
+    # the reference folder holds exactly the scored cases, so no other case counts as skipped
+    references = out / "references"
+    for case in cases:
+        (references / case).mkdir(parents=True)
+        for name in ("ct.nii.gz", "mask.nii.gz", "mr.nii.gz"):
+            (references / case / name).symlink_to((cases_dir / case / name).resolve())
+        mr, ct, mask = (np.asarray(nib.load(cases_dir / case / f"{n}.nii.gz").dataobj) for n in ("mr", "ct", "mask"))
+        baseline = monotone_intensity_baseline(mr, ct, mask > 0)
+        write_volume(baseline, nib.load(cases_dir / case / "mr.nii.gz").affine, out / "baseline" / case / "sct.nii.gz")
+
+    table = {}
+    for method, folder in (("DRDD", pred_dir), ("monotone baseline (oracle-fitted)", out / "baseline")):
+        summary = evaluate_folders(folder, references, out_dir=out / method.split()[0].lower(), metrics=METRICS,
+                                   progress=False)
+        table[method] = {name: summary["metrics"][name] for name in summary["metrics"]}
+    (out / "report.json").write_text(json.dumps({"cases": cases, "metrics": table}, indent=2))
+    return table
 
 
 def main(argv=None) -> int:
@@ -43,29 +65,12 @@ def main(argv=None) -> int:
     if not cases:
         print(f"error: no <case>/sct.nii.gz under {pred_dir}; run the bundle's inference first", file=sys.stderr)
         return 2
-    if out.exists():
-        if not args.overwrite:
-            print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
-
-    # the reference folder holds exactly the scored cases, so no other case counts as skipped
-    references = out / "references"
-    for case in cases:
-        (references / case).mkdir(parents=True)
-        for name in ("ct.nii.gz", "mask.nii.gz", "mr.nii.gz"):
-            (references / case / name).symlink_to((cases_dir / case / name).resolve())
-        mr, ct, mask = (np.asarray(nib.load(cases_dir / case / n).dataobj) for n in ("mr.nii.gz", "ct.nii.gz", "mask.nii.gz"))
-        baseline = monotone_intensity_baseline(mr, ct, mask > 0)
-        write_volume(baseline, nib.load(cases_dir / case / "mr.nii.gz").affine, out / "baseline" / case / "sct.nii.gz")
-
-    table = {}
-    for method, folder in (("DRDD", pred_dir), ("monotone baseline (oracle-fitted)", out / "baseline")):
-        summary = evaluate_folders(folder, references, out_dir=out / method.split()[0].lower(), metrics=METRICS,
-                                   progress=False)
-        table[method] = {name: summary["metrics"][name] for name in summary["metrics"]}
-    report = {"cases": cases, "metrics": table}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    try:
+        with atomic_output_dir(out, overwrite=args.overwrite) as staging:  # no half report after a crash
+            table = score(cases, pred_dir, cases_dir, staging)
+    except OutputExistsError:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
 
     print(f"{len(cases)} held-out cases: {', '.join(cases)}")
     print(f"{'method':36s} {'MAE (HU)':>16s} {'PSNR (dB)':>16s} {'SSIM':>16s}")

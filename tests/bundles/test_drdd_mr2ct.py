@@ -88,6 +88,21 @@ def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
     assert 0 < summary["metrics"]["mae"]["mean"] < 2000
 
 
+def test_report_scores_drdd_against_the_monotone_baseline_and_never_half_writes(trained):
+    root, _ = trained
+    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)  # skips finished cases
+    script = [sys.executable, "scripts/mr2ct_demo_report.py", "--bundle_root", str(root)]
+    result = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "report" / "report.json").read_text())
+    assert set(report["metrics"]) == {"DRDD", "monotone baseline (oracle-fitted)"}
+    assert all(m["mae"]["count"] == 2 for m in report["metrics"].values())
+    assert not [p.name for p in root.iterdir() if p.name.endswith(".partial")]  # no staging folder left behind
+    again = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+    assert json.loads((root / "report" / "report.json").read_text()) == report
+
+
 def test_inference_refuses_a_checkpoint_of_another_network_size(trained):
     root, _ = trained
     log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), "--network_preset", "cpu-demo",
