@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from drdd_med.data.files import atomic_output
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule
 from drdd_med.inferers import DRDDInferer
 from drdd_med.metrics.functional import windowed_psnr, windowed_ssim
@@ -49,9 +50,15 @@ def main(argv=None) -> int:
                         help="a training checkpoint whose network_ema holds a noise network trained on full-dose CT")
     parser.add_argument("--heldout_dir", type=Path, help="default BUNDLE_ROOT/data/heldout")
     parser.add_argument("--network_preset", default="cpu-demo")
-    parser.add_argument("--out", type=Path, help="JSON results (default BUNDLE_ROOT/report/noise_stage_study.json)")
+    parser.add_argument("--out", type=Path, help="JSON results (default BUNDLE_ROOT/noise_stage_study.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
     heldout = args.heldout_dir or args.bundle_root / "data" / "heldout"
+    # beside, not inside, report/: that folder belongs to ldct_demo_report.py, which replaces it whole
+    out = args.out or args.bundle_root / "noise_stage_study.json"
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     cases = sorted(p.name for p in heldout.iterdir() if (p / "ldct.nii.gz").is_file()) if heldout.is_dir() else []
     if not cases:
         print(f"error: no <case>/ldct.nii.gz under {heldout}; run the bundle's training first", file=sys.stderr)
@@ -83,9 +90,8 @@ def main(argv=None) -> int:
     for name, metrics in summary.items():
         psnr, ssim = metrics["psnr_abdomen"], metrics["ssim_abdomen"]
         print(f"{name:30s} {psnr['mean']:7.2f} ± {psnr['std']:4.2f} {ssim['mean']:9.4f} ± {ssim['std']:.4f}")
-    out = args.out or args.bundle_root / "report" / "noise_stage_study.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cases": cases, "samplers": SAMPLERS, "metrics": summary}, indent=2))
+    with atomic_output(out, overwrite=args.overwrite) as tmp:
+        tmp.write_text(json.dumps({"cases": cases, "samplers": SAMPLERS, "metrics": summary}, indent=2))
     print(f"results: {out}")
     return 0
 

@@ -118,6 +118,18 @@ def test_report_scores_drdd_against_the_low_dose_input_and_classical_denoisers(i
     assert "pass --overwrite" in again
 
 
+def test_noise_stage_study_scores_the_three_samplers(trained):
+    root, _ = trained
+    args = ("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root), "--network_preset", "tiny",
+            "--noise_ckpt", str(root / "models" / "checkpoint_final.pt"))
+    log = run(*args)
+    results = json.loads((root / "noise_stage_study.json").read_text())
+    assert set(results["metrics"]) == {"residual only", "two-stage (method default)", "noise refinement at sigma_0"}
+    assert len(results["cases"]) == 2 and "two-stage (method default)" in log
+    assert all(0 < m["ssim_abdomen"]["mean"] <= 1 for m in results["metrics"].values())
+    assert "pass --overwrite" in run(*args, expect_ok=False)
+
+
 # --- the held-out inputs -----------------------------------------------------------------------------
 
 
