@@ -78,8 +78,8 @@ class BundleTranslator:
     Args:
         bundle: bundle folder, or the name of one under ``bundles/``.
         device: ``"auto"`` (default: GPU when available), ``"cpu"``, ``"cuda:1"``...
-        preset: network preset the weights were trained with (default: the config's rule).
-        ckpt: weights file (default: the bundle's ``models/model.pt``).
+        ckpt: weights file (default: the bundle's ``models/model.pt``); the networks are built from
+            the model record it carries, so a model trained on any device runs on any other.
         batch_size: slices per network call (default: the config's ``slice_batch_size``).
 
     ``model_name`` (the bundle folder's name) and ``model_version`` (the bundle's version and a
@@ -92,7 +92,6 @@ class BundleTranslator:
         bundle: str | os.PathLike = "drdd_mr2ct",
         *,
         device: str | torch.device | None = "auto",
-        preset: str | None = None,
         ckpt: str | os.PathLike | None = None,
         batch_size: int | None = None,
     ):
@@ -102,8 +101,6 @@ class BundleTranslator:
         parser.read_config(str(self.bundle_root / INFERENCE_CONFIG))
         parser["bundle_root"] = str(self.bundle_root)
         parser["device"] = f"$torch.device('{self.device}')"
-        if preset is not None:
-            parser["network_preset"] = preset
         if ckpt is not None:
             parser["ckpt_path"] = str(Path(ckpt).resolve())
         weights = Path(_parsed(parser, "ckpt_path"))

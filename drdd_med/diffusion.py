@@ -19,7 +19,7 @@ sliding window run inside every step (see ``drdd_med.inferers``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -153,13 +153,38 @@ def residual_p_losses(
 # --- 4. Sampler ------------------------------------------------------------------------------------
 
 
+class NoiseDraws:
+    """The Gaussian noise of one sampling run, in the order the sampler uses it.
+
+    The start noise comes first, then one draw for each step that adds fresh noise (``c > 0``;
+    ``DRDDSampler.num_noise_draws`` counts them). ``given`` tensors are used as they are, so a caller
+    can fix the noise of a run across devices, precisions or batchings; without them each draw comes
+    from ``generator``.
+    """
+
+    def __init__(self, given: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None):
+        self.given = list(given) if given is not None else None
+        self.generator = generator
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        if self.given is None:
+            return torch.randn(like.shape, device=like.device, dtype=like.dtype, generator=self.generator)
+        if not self.given:
+            raise ValueError("fewer noise tensors were given than the sampler draws (see DRDDSampler.num_noise_draws)")
+        z = self.given.pop(0)
+        if tuple(z.shape) != tuple(like.shape):
+            raise ValueError(f"a given noise tensor has shape {tuple(z.shape)}, the sample {tuple(like.shape)}")
+        return z.to(like.device, like.dtype)
+
+
 @dataclass
 class DRDDSampler:
     """The DRDD sampler: ``S_r`` residual steps then ``S_n`` noise steps (``S_r + S_n`` evaluations).
 
-    ``eta`` = 0 is deterministic given the start noise; ``eta`` > 0 adds fresh noise in each step
-    with ``c² = η (σ²_t − σ²_{t_next}) σ²_{t_next} / σ²_t``. ``start_scale`` s sets the start
-    ``x = x_in + sqrt(s) ε`` (the reference behaviour, kept as the method page says).
+    ``eta`` in [0, 1]: 0 is deterministic given the start noise (DDIM); 1 adds the most fresh noise
+    in each step that keeps ``c² ≤ σ²_{t_next}``, with ``c² = η (σ²_t − σ²_{t_next}) σ²_{t_next} / σ²_t``.
+    ``start_scale`` s sets the start ``x = x_in + sqrt(s) ε`` (the reference behaviour, kept as the
+    method page says).
 
     ``noise_steps`` = 0 leaves the noise phase out: with ``start_scale`` 0 the residual phase
     alone maps ``x_in`` to ``x_in − a_{T−1} r̂``, a deterministic estimate of the clean target, for
@@ -177,14 +202,25 @@ class DRDDSampler:
     noise_start: int | None = None
 
     def __post_init__(self):
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.start_scale < 0:
             raise ValueError(f"start_scale must be >= 0, got {self.start_scale}")
         if self.noise_steps < 0:
             raise ValueError(f"noise_steps must be >= 0, got {self.noise_steps}")
         self.residual_pairs = self.schedule.step_pairs(self.residual_steps)
         self.noise_pairs = self.schedule.step_pairs(self.noise_steps, self.noise_start) if self.noise_steps else []
+
+    def settings(self) -> dict:
+        """The sampler's settings as plain values (for a model record or a results file)."""
+        return {"residual_steps": self.residual_steps, "noise_steps": self.noise_steps, "eta": self.eta,
+                "start_scale": self.start_scale, "noise_start": self.noise_start,
+                "num_train_timesteps": self.schedule.num_train_timesteps}
+
+    @property
+    def num_noise_draws(self) -> int:
+        """Noise tensors one run uses: the start noise, then one per step with ``c > 0``."""
+        return 1 + sum(self._c(t, t_next) > 0 for t, t_next in self.residual_pairs + self.noise_pairs)
 
     def _c(self, t: int, t_next: int) -> float:
         """Standard deviation of the fresh noise added when stepping ``t -> t_next``."""
@@ -193,10 +229,9 @@ class DRDDSampler:
         s_t, s_next = float(self.schedule.noise_level[t]), float(self.schedule.noise_level[t_next])
         return (self.eta * (s_t**2 - s_next**2) * s_next**2 / s_t**2) ** 0.5
 
-    def start(self, source: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def start(self, source: torch.Tensor, noise: NoiseDraws | None = None) -> torch.Tensor:
         """``x = x_in + sqrt(s) ε``."""
-        noise = torch.randn(source.shape, device=source.device, dtype=source.dtype, generator=generator)
-        return source + self.start_scale**0.5 * noise
+        return source + self.start_scale**0.5 * (noise or NoiseDraws())(source)
 
     def residual_step(self, x: torch.Tensor, residual_hat: torch.Tensor, t: int, t_next: int, z=None) -> torch.Tensor:
         """One residual step; the result after the last is an estimate of ``y_N``."""
@@ -218,31 +253,30 @@ class DRDDSampler:
         return x + c * z if c > 0 else x
 
     def residual_phase(
-        self, x: torch.Tensor, residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], generator=None
+        self, x: torch.Tensor, residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        noise: NoiseDraws | None = None,
     ) -> torch.Tensor:
         """Run the residual steps; ``residual_fn(x, τ)`` returns ``r̂`` (the condition is bound in it)."""
+        noise = noise or NoiseDraws()
         for t, t_next in self.residual_pairs:
             tau = torch.full((x.shape[0],), float(self.schedule.residual_weight[t]) * self.schedule.num_train_timesteps,
                              device=x.device)
             residual_hat = residual_fn(x, tau).to(x.dtype)
-            x = self.residual_step(x, residual_hat, t, t_next, z=self._fresh_noise(x, t, t_next, generator))
+            x = self.residual_step(x, residual_hat, t, t_next, z=noise(x) if self._c(t, t_next) else None)
         return x
 
     def noise_phase(
-        self, x: torch.Tensor, noise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], generator=None
+        self, x: torch.Tensor, noise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        noise: NoiseDraws | None = None,
     ) -> torch.Tensor:
         """Run the noise steps; ``noise_fn(x, τ)`` returns ``ε̂``."""
+        noise = noise or NoiseDraws()
         for t, t_next in self.noise_pairs:
             tau = torch.full((x.shape[0],), float(self.schedule.noise_level[t]) * self.schedule.num_train_timesteps,
                              device=x.device)
             noise_hat = noise_fn(x, tau).to(x.dtype)
-            x = self.noise_step(x, noise_hat, t, t_next, z=self._fresh_noise(x, t, t_next, generator))
+            x = self.noise_step(x, noise_hat, t, t_next, z=noise(x) if self._c(t, t_next) else None)
         return x
-
-    def _fresh_noise(self, x: torch.Tensor, t: int, t_next: int, generator) -> torch.Tensor | None:
-        if self._c(t, t_next) == 0:
-            return None
-        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
     def sample(
         self,
@@ -250,11 +284,17 @@ class DRDDSampler:
         residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         noise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         generator: torch.Generator | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Translate ``source`` (normalised to [−1, 1]) to the target domain (normalised)."""
-        x = self.start(source, generator)
-        x = self.residual_phase(x, residual_fn, generator)
-        return self.noise_phase(x, noise_fn, generator)
+        """Translate ``source`` (normalised to [−1, 1]) to the target domain (normalised).
+
+        The noise comes from ``generator``, or is given: ``noise`` holds ``num_noise_draws`` tensors
+        shaped like ``source`` (see ``NoiseDraws``).
+        """
+        draws = NoiseDraws(noise, generator)
+        x = self.start(source, draws)
+        x = self.residual_phase(x, residual_fn, draws)
+        return self.noise_phase(x, noise_fn, draws)
 
 
 def network_fns(

@@ -124,7 +124,8 @@ class DRDDTrainer(Trainer):
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return convert_to_tensor(tensor, track_meta=False).to(self.state.device, non_blocking=self.non_blocking)
 
-    def _step(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> float:
+    def _step(self, stage: str, optimizer: torch.optim.Optimizer, loss_fn) -> float:
+        net = getattr(self.network, stage)
         net.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.state.device, self.precision):
@@ -133,6 +134,7 @@ class DRDDTrainer(Trainer):
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip)
         optimizer.step()
+        self.network.trained_iterations[stage] += 1  # the model record: which stages were trained, how long
         return loss.detach()
 
     def _iteration(self, engine, batchdata: dict) -> dict:
@@ -144,7 +146,7 @@ class DRDDTrainer(Trainer):
             target = self._to_device(paired["target"])
             context = source[:, channels:] if source.shape[1] > channels else None
             output["loss_residual"] = self._step(
-                self.network.residual, self.residual_optimizer,
+                "residual", self.residual_optimizer,
                 lambda: residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context),
             )
         if "noise" in self.stages:
@@ -152,7 +154,7 @@ class DRDDTrainer(Trainer):
             target = self._to_device(pool["target"])
             condition = self._to_device(pool["source"])[:, :channels] if self.network.noise_conditional else None
             output["loss_noise"] = self._step(
-                self.network.noise, self.noise_optimizer,
+                "noise", self.noise_optimizer,
                 lambda: noise_p_losses(self.schedule, self.network.noise, target, condition),
             )
         output["loss"] = sum(output.values())
@@ -198,6 +200,8 @@ class DRDDEvaluator(Evaluator):
         autocast_context(device, precision)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
+        # the model record keeps the sampler a model was last validated with (the one to use it with)
+        self.network.validation_sampler = self.inferer.sampler.settings()
         if batchdata["source"].shape[0] != 1:
             raise ValueError("the DRDD evaluator reads one whole volume per batch (batch_size=1)")
         device = self.state.device

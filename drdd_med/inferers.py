@@ -8,7 +8,8 @@
   patches share one trajectory and no seams appear.
 
 Inputs and outputs are normalised to ``[−1, 1]``; mapping to HU is the caller's (see
-``NormalizeHU.to_hu``). Sampling is seeded per call, so a rerun gives the same volume.
+``NormalizeHU.to_hu``). The sampling noise of a whole volume is drawn once per call on the CPU from
+``seed``, so a rerun gives the same volume, on any device and with any slice batch size.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class DRDDInferer(Inferer):
         self.seed = seed
         self.progress = progress
 
-    def _generator(self, device) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+    def _noise(self, shape: Sequence[int]) -> torch.Tensor:
+        """The volume's sampling noise, ``(num_noise_draws, *shape)``, drawn on the CPU (device-independent)."""
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        return torch.randn((self.sampler.num_noise_draws, *shape), generator=generator)
 
     def __call__(self, inputs: torch.Tensor, network: DRDDNetworks, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[0] != 1:
@@ -74,7 +77,7 @@ class DRDDInferer(Inferer):
         padded = _pad_to_multiple(volume[0].movedim(-1, 0), network.size_divisor)  # (Z, C, X', Y')
         half = network.context_slices // 2
         offsets = [d for d in range(-half, half + 1) if d != 0]
-        generator = self._generator(volume.device)
+        noise = self._noise(padded.shape)
         batches = range(0, depth, self.slice_batch_size)
         if self.progress:
             from tqdm.auto import tqdm
@@ -89,7 +92,8 @@ class DRDDInferer(Inferer):
                 context = torch.cat([padded[(index + d).clamp(0, depth - 1)] for d in offsets], dim=1)
             residual_fn, noise_fn = network_fns(network.residual, network.noise, source, context,
                                                 network.noise_conditional)
-            out.append(self.sampler.sample(source, residual_fn, noise_fn, generator))
+            draws = [z[index.cpu()].to(volume.device, volume.dtype) for z in noise]
+            out.append(self.sampler.sample(source, residual_fn, noise_fn, noise=draws))
         slices = torch.cat(out)[..., :sx, :sy]  # (Z, C, X, Y)
         return slices.movedim(0, -1)[None]
 
@@ -114,7 +118,8 @@ class DRDDInferer(Inferer):
 
         residual_fn = windowed(network.residual, padded)
         noise_fn = windowed(network.noise, padded if network.noise_conditional else None)
-        out = self.sampler.sample(padded, residual_fn, noise_fn, self._generator(volume.device))
+        noise = [z.to(volume.device, volume.dtype) for z in self._noise(padded.shape)]
+        out = self.sampler.sample(padded, residual_fn, noise_fn, noise=noise)
         return out[(..., *[slice(0, s) for s in spatial])]
 
 

@@ -9,10 +9,15 @@ Both take a float time ``τ`` per item, as the method defines it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+
+from drdd_med.errors import DRDDInputError
 
 ROLES = ("residual", "noise")
 
@@ -107,11 +112,35 @@ def build_drdd_network(
     )
 
 
+MODEL_RECORD_FORMAT = 1
+
+
+def _plain(value):
+    """Tuples to lists, recursively: the record is stored as JSON-like plain types (``weights_only``)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 class DRDDNetworks(torch.nn.Module):
     """The residual and noise networks of one DRDD model, saved and loaded as one state dict.
 
     ``residual`` and ``noise`` are keyword dicts for ``build_drdd_network`` (sizes, attention...).
     The container has no ``forward``: sampling composes the two through ``drdd_med.inferers``.
+
+    The state dict carries, beside the weights, the *model record* (``_extra_state``, plain types
+    only, so ``torch.load(weights_only=True)`` reads it): how the networks were built
+    (``architecture``), how many iterations each stage was trained (``trained_iterations``, counted
+    by ``DRDDTrainer``), the sampler settings of its last validation (``validation_sampler``, set by
+    ``DRDDEvaluator``), what the training config declares in ``record`` (intensity normalisation,
+    training settings; never patient data or paths) with its digest, and the library versions.
+    ``load_model`` rebuilds a model from that record alone, so inference needs no size flags.
     """
 
     def __init__(
@@ -122,40 +151,95 @@ class DRDDNetworks(torch.nn.Module):
         noise_conditional: bool = False,
         residual: dict | None = None,
         noise: dict | None = None,
+        record: dict | None = None,
     ):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.image_channels = image_channels
         self.context_slices = context_slices
         self.noise_conditional = noise_conditional
+        self.architecture = _plain({
+            "spatial_dims": spatial_dims, "image_channels": image_channels, "context_slices": context_slices,
+            "noise_conditional": noise_conditional, "residual": residual or {}, "noise": noise or {},
+        })
         context_channels = image_channels * (context_slices - 1)
         self.residual = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(residual or {}))
         self.noise = build_drdd_network("noise", spatial_dims, image_channels, conditional=noise_conditional, **(noise or {}))
+        self.trained_iterations = {stage: 0 for stage in ROLES}
+        self.validation_sampler: dict | None = None
+        self.record = _plain(record or {})
 
     @classmethod
     def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
-                    noise_conditional: bool = False) -> "DRDDNetworks":
+                    noise_conditional: bool = False, record: dict | None = None) -> "DRDDNetworks":
         """Networks sized by a named preset of ``PRESETS``."""
         if name not in PRESETS:
             raise ValueError(f"unknown network preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(spatial_dims, image_channels, context_slices, noise_conditional, **PRESETS[name])
+        return cls(spatial_dims, image_channels, context_slices, noise_conditional, **PRESETS[name], record=record)
 
     @property
     def size_divisor(self) -> int:
         """Spatial sizes must be multiples of this (one halving per level below the first)."""
         return 2 ** max(len(self.residual.block_out_channels), len(self.noise.block_out_channels)) // 2
 
+    def get_extra_state(self) -> dict:
+        import monai
 
-def load_weights(network: torch.nn.Module, path, key: str | None = None, map_location="cpu") -> torch.nn.Module:
-    """Load a state dict (``weights_only=True``: data never executes) with a clear error on mismatch.
+        from drdd_med import __version__
 
-    ``key`` picks an entry of a training checkpoint (e.g. ``"network_ema"``); without it the file
-    is the state dict itself.
+        return {
+            "format": MODEL_RECORD_FORMAT,
+            "architecture": self.architecture,
+            "trained_iterations": dict(self.trained_iterations),
+            "validation_sampler": self.validation_sampler,
+            "record": self.record,
+            "config_digest": _digest(self.record),
+            "versions": {"drdd_med": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]},
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != MODEL_RECORD_FORMAT:
+            raise DRDDInputError("the checkpoint's model record is not one this drdd_med version reads")
+        if state["architecture"] != self.architecture:
+            raise DRDDInputError(
+                f"the checkpoint's networks were built as {_describe(state['architecture'])}, "
+                f"these as {_describe(self.architecture)}"
+            )
+        self.trained_iterations = {stage: int(state["trained_iterations"].get(stage, 0)) for stage in ROLES}
+        self.validation_sampler = state.get("validation_sampler")
+        self.record = state.get("record") or {}
+
+
+def _describe(architecture: dict) -> str:
+    sizes = "/".join(str(c) for c in architecture["residual"].get("channels", []))
+    return (f"{architecture['spatial_dims']}D, {architecture['context_slices']} context slice(s), "
+            f"{architecture['image_channels']} image channel(s), residual channels {sizes or 'default'}")
+
+
+def seeded_initialisation(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-initialise every layer from ``seed`` with PyTorch's defaults, the zero-initialised ones included.
+
+    MONAI's ``DiffusionModelUNet`` zero-initialises its output layer and the last layer of every
+    residual and attention block, so an untrained network returns exactly 0 whatever its input or
+    time. Tests and benchmarks that must see real outputs (a zeroed prediction, a wrong time ``τ``)
+    use this instead; the same seed gives the same network, and the global random state is left as
+    it was.
     """
-    from pathlib import Path
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters") and isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d,
+                                                                          torch.nn.Linear, torch.nn.GroupNorm)):
+                layer.reset_parameters()
+    return module
 
-    from drdd_med.errors import DRDDInputError
 
+def _read_state(path, key: str | None, map_location) -> dict:
+    """The network state dict in ``path`` (``weights_only=True``: data never executes).
+
+    ``key`` picks an entry of a training checkpoint (e.g. ``"network_ema"``); without it the file is
+    the state dict itself (``model.pt``) or, for a training checkpoint, its ``network_ema`` entry.
+    """
     name = Path(path).name
     if not Path(path).is_file():
         raise FileNotFoundError(f"{name}: no checkpoint at this path (train first, or set the checkpoint path)")
@@ -163,14 +247,31 @@ def load_weights(network: torch.nn.Module, path, key: str | None = None, map_loc
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt or foreign files: say which file, not a pickle traceback
         raise DRDDInputError(f"{name}: not a readable weights file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise DRDDInputError(f"{name}: not a state dict")
+    if key is None and "network_ema" in state and RECORD_KEY not in state:
+        key = "network_ema"
     if key is not None:
         if key not in state:
             raise DRDDInputError(f"{name}: checkpoint has no {key!r} entry (it has {sorted(state)})")
         state = state[key]
+    return state
+
+
+RECORD_KEY = "_extra_state"  # where torch keeps ``get_extra_state`` in a state dict
+
+
+def load_weights(network: torch.nn.Module, path, key: str | None = None, map_location="cpu") -> torch.nn.Module:
+    """Load the weights in ``path`` into ``network``, with a clear error when they do not fit it."""
+    name = Path(path).name
+    state = _read_state(path, key, map_location)
     own = network.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    shape = [k for k in own if k in state and isinstance(own[k], torch.Tensor) and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing == [RECORD_KEY] and not unexpected and not shape:
+        raise DRDDInputError(f"{name}: no drdd_med model record in this checkpoint (saved by drdd_med before 0.2, "
+                             "or not by drdd_med); retrain it with this version")
     if missing or unexpected or shape:
         detail = (
             f"{shape[0]} is {tuple(state[shape[0]].shape)} in the checkpoint but {tuple(own[shape[0]].shape)} here"
@@ -180,5 +281,50 @@ def load_weights(network: torch.nn.Module, path, key: str | None = None, map_loc
             f"{name}: checkpoint does not match the configured networks ({detail}); "
             "configure the network sizes it was trained with"
         )
-    network.load_state_dict(state)
+    try:
+        network.load_state_dict(state)
+    except DRDDInputError as err:
+        raise DRDDInputError(f"{name}: {err}") from None
     return network
+
+
+def load_model(path, map_location="cpu", key: str | None = None, sampler=None, **expected) -> DRDDNetworks:
+    """The DRDD model saved in ``path``, built from its own model record (no size flags needed).
+
+    ``sampler`` (a ``DRDDSampler``) is checked against the stages the model was trained for: a
+    sampler that runs a stage never trained is refused, since that network would return its
+    initialisation (for the noise stage: an output still carrying σ ≈ 1 of noise). ``expected``
+    holds config values that must agree with the record (``spatial_dims=2``, ``context_slices=3``,
+    ``noise_conditional=False``...; ``None`` means "whatever the model has").
+    """
+    name = Path(path).name
+    state = _read_state(path, key, map_location)
+    record = state.get(RECORD_KEY)
+    if not isinstance(record, dict) or record.get("format") != MODEL_RECORD_FORMAT:
+        raise DRDDInputError(
+            f"{name}: no drdd_med model record in this checkpoint (saved by drdd_med before 0.2, or not by "
+            "drdd_med): retrain it with this version, which records how the model was built and trained"
+        )
+    architecture = record["architecture"]
+    conflicts = [f"{k} is {architecture.get(k)!r} in the model but {v!r} in the config"
+                 for k, v in expected.items() if v is not None and architecture.get(k) != v]
+    if conflicts:
+        raise DRDDInputError(f"{name}: the config does not match the model: {'; '.join(conflicts)}")
+    model = DRDDNetworks(**architecture)
+    load_weights(model, path, key, map_location)
+    if sampler is not None:
+        check_sampler(model, sampler, name)
+    return model
+
+
+def check_sampler(model: DRDDNetworks, sampler, name: str = "model") -> None:
+    """Refuse a sampler that runs a stage ``model`` was never trained for."""
+    needed = ["residual"] + (["noise"] if sampler.noise_steps else [])
+    untrained = [stage for stage in needed if not model.trained_iterations[stage]]
+    if untrained:
+        trained = ", ".join(f"{s} {n} iterations" for s, n in model.trained_iterations.items() if n) or "none"
+        hint = " (set the sampler's noise_steps to 0)" if untrained == ["noise"] else ""
+        raise DRDDInputError(
+            f"{name}: the sampler runs the {' and '.join(untrained)} stage, which this model never trained "
+            f"(trained: {trained}){hint}"
+        )

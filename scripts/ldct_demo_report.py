@@ -68,7 +68,7 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def calibrate(settings: dict, out: Path, num_cases: int) -> dict[str, float]:
     """The strength of each filter that gives the best mean abdomen PSNR on the first training cases."""
-    paired = prepare_ldct_datalists(**{k: settings[k] for k in CONFIG_KEYS}, generate_demo=False)["paired"]
+    paired = prepare_ldct_datalists(**{k: settings[k] for k in CONFIG_KEYS})["paired"]
     if not paired:
         raise SystemExit("error: no training case to calibrate the classical filters on")
     scores = {method: np.zeros(len(STRENGTHS)) for method in DENOISERS}

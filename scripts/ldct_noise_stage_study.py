@@ -32,7 +32,7 @@ from drdd_med.data.files import atomic_output
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule
 from drdd_med.inferers import DRDDInferer
 from drdd_med.metrics.functional import windowed_psnr, windowed_ssim
-from drdd_med.networks import DRDDNetworks, load_weights
+from drdd_med.networks import check_sampler, load_model
 from drdd_med.transforms.array import NormalizeHU
 
 SAMPLERS = {
@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     parser.add_argument("--noise_ckpt", type=Path, required=True,
                         help="a training checkpoint whose network_ema holds a noise network trained on full-dose CT")
     parser.add_argument("--heldout_dir", type=Path, help="default BUNDLE_ROOT/data/heldout")
-    parser.add_argument("--network_preset", default="cpu-demo")
     parser.add_argument("--out", type=Path, help="JSON results (default BUNDLE_ROOT/noise_stage_study.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
@@ -64,10 +63,13 @@ def main(argv=None) -> int:
         print(f"error: no <case>/ldct.nii.gz under {heldout}; run the bundle's training first", file=sys.stderr)
         return 2
 
-    network = load_weights(DRDDNetworks.from_preset(args.network_preset), args.residual_ckpt
-                           or args.bundle_root / "models" / "model.pt")
-    noise_source = load_weights(DRDDNetworks.from_preset(args.network_preset), args.noise_ckpt, key="network_ema")
+    # both models are rebuilt from their own records; the noise network joins the residual one
+    network = load_model(args.residual_ckpt or args.bundle_root / "models" / "model.pt")
+    noise_source = load_model(args.noise_ckpt, key="network_ema")
     network.noise.load_state_dict(noise_source.noise.state_dict())
+    network.trained_iterations["noise"] = noise_source.trained_iterations["noise"]
+    for settings in SAMPLERS.values():
+        check_sampler(network, DRDDSampler(DRDDSchedule(), **settings), args.noise_ckpt.name)
     network.eval()
     normalize = NormalizeHU()
 

@@ -53,6 +53,8 @@ def test_trainer_updates_only_the_configured_stages(stages):
         assert changed == (role in stages)
     assert set(trainer.state.output) == {"loss"} | {f"loss_{s}" for s in stages}
     assert trainer.state.iteration == (3 if "residual" in stages else 5)
+    # the model record counts the iterations each stage was trained
+    assert model.trained_iterations == {s: trainer.state.iteration if s in stages else 0 for s in ("residual", "noise")}
 
 
 def test_trainer_refuses_a_stage_without_its_data():
@@ -73,6 +75,7 @@ def test_ema_tracks_the_network():
     key = "residual.conv_in.conv.weight"
     assert not torch.equal(ema.state_dict()[key], model.state_dict()[key])
     assert (ema.state_dict()[key] - model.state_dict()[key]).abs().max() < 0.05
+    assert ema.trained_iterations == model.trained_iterations == {"residual": 12, "noise": 12}  # the record follows
 
 
 def test_resumed_run_continues_at_the_same_iteration(tmp_path):
@@ -93,9 +96,10 @@ def test_resumed_run_continues_at_the_same_iteration(tmp_path):
               "noise_optimizer": trainer2.noise_optimizer, "trainer": trainer2}
     CheckpointLoader(str(tmp_path / "final.pt"), state2).attach(trainer2)
     first = []
-    trainer2.add_event_handler(Events.ITERATION_STARTED(once=7), lambda e: first.append({k: v.clone() for k, v in ema2.state_dict().items()}))
+    trainer2.add_event_handler(Events.ITERATION_STARTED(once=7), lambda e: first.append(copy.deepcopy(ema2.state_dict())))
     trainer2.run()
     assert trainer2.state.iteration == 9 and trainer2.state.epoch == 3
+    assert model2.trained_iterations == ema2.trained_iterations == {"residual": 9, "noise": 9}  # counted on from 6
     # weights and EMA continued from the checkpoint, not from a fresh initialisation
     key = "noise.conv_in.conv.weight"
     assert torch.equal(first[0][key], ema.state_dict()[key])
@@ -115,6 +119,7 @@ def test_evaluator_reports_masked_mae_in_hu_on_whole_volumes():
     expected = (pred - target).abs().mean().item()
     assert evaluator.state.metrics["val_mae"] == pytest.approx(expected, rel=1e-5)
     assert evaluator.state.output["case_id"] == "c1"
+    assert model.validation_sampler == evaluator.inferer.sampler.settings()  # recorded with the model
 
 
 def test_ensure_new_run_protects_a_trained_model(tmp_path):

@@ -1,4 +1,8 @@
-"""DRDDInferer: whole volumes slice by slice (2D, 2.5D) and with a sliding window inside each step (3D)."""
+"""DRDDInferer: whole volumes slice by slice (2D, 2.5D) and with a sliding window inside each step (3D).
+
+Networks here have real outputs (``real_networks``) or are spies that record what the sampler feeds
+them; MONAI's untrained networks return 0 and would let a zeroed prediction or a wrong time pass.
+"""
 
 import pytest
 import torch
@@ -6,71 +10,162 @@ import torch
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule
 from drdd_med.inferers import DRDDInferer
 from drdd_med.networks import DRDDNetworks
+from drdd_med.transforms import RandPairedPatch
+
+SCHEDULE = DRDDSchedule()
+T = SCHEDULE.num_train_timesteps
 
 
-class PointwiseNetworks(torch.nn.Module):
-    """Stand-in DRDD model whose networks act voxel by voxel, so any window gives the same answer."""
+class SpyNetworks(torch.nn.Module):
+    """Stand-in DRDD model that records each network call's input and time ``τ``.
 
-    def __init__(self, spatial_dims, context_slices=1):
+    Its predictions act voxel by voxel (any window gives the same answer) and depend on every
+    input channel and on ``τ``, so a wrong input or time changes the sample.
+    """
+
+    def __init__(self, spatial_dims=2, context_slices=1, image_channels=1):
         super().__init__()
-        self.spatial_dims, self.context_slices, self.noise_conditional, self.size_divisor = spatial_dims, context_slices, False, 1
-        self.calls = []
+        self.spatial_dims, self.context_slices, self.image_channels = spatial_dims, context_slices, image_channels
+        self.noise_conditional, self.size_divisor = False, 1
+        self.calls = {"residual": [], "noise": []}
 
         def residual(inp, tau):
-            self.calls.append(tuple(inp.shape))
-            return 0.3 * inp[:, :1] - 0.2 * inp[:, 1:2] + 1e-4 * tau.reshape(-1, *[1] * (inp.ndim - 1))
+            self.calls["residual"].append((inp.clone(), tau.clone()))
+            weights = torch.linspace(0.3, -0.2, inp.shape[1], dtype=inp.dtype).reshape(1, -1, *[1] * (inp.ndim - 2))
+            return (weights * inp).sum(1, keepdim=True)[:, :1].expand(-1, image_channels, *inp.shape[2:]) \
+                + 1e-4 * tau.reshape(-1, *[1] * (inp.ndim - 1))
 
         def noise(inp, tau):
+            self.calls["noise"].append((inp.clone(), tau.clone()))
             return 0.5 * inp + 1e-4 * tau.reshape(-1, *[1] * (inp.ndim - 1))
 
         self.residual, self.noise = residual, noise
 
 
-def test_2d_whole_volume_shape_determinism_and_batching():
-    volume = torch.randn(1, 1, 20, 12, 7)
-    net = DRDDNetworks.from_preset("tiny").eval()
+def test_2d_sample_is_the_method_computed_by_hand(real_networks):
+    """2 + 2 steps with the method's equations and times, written out, against the inferer (real networks)."""
+    net = real_networks()
+    volume = torch.rand(1, 1, 16, 12, 3) * 2 - 1
+    sampler = DRDDSampler(SCHEDULE, start_scale=0.0)  # deterministic: x starts at the source
+    with torch.no_grad():
+        out = DRDDInferer(sampler, slice_batch_size=2)(volume, net)
+        source = volume[0].movedim(-1, 0)  # (Z, 1, X, Y)
+        a, s = SCHEDULE.residual_weight, SCHEDULE.noise_level
+
+        def tau(value):
+            return torch.full((source.shape[0],), float(value) * T)
+
+        x = source
+        x = x - float(a[999] - a[499]) * net.residual(torch.cat([x, source], 1), tau(a[999]))
+        x = x - float(a[499]) * net.residual(torch.cat([x, source], 1), tau(a[499]))
+        x = x - float(s[999] - s[499]) * net.noise(x, tau(s[999]))
+        x = x - float(s[499]) * net.noise(x, tau(s[499]))
+    expected = x.movedim(0, -1)[None]
+    assert (expected - volume).abs().mean() > 0.05  # the networks do change the image
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_2d_sampling_is_seeded_and_independent_of_slice_batching(real_networks):
+    net = real_networks()
+    volume = torch.rand(1, 1, 19, 12, 7) * 2 - 1  # 19 is padded to the network's multiple and cropped back
     with torch.no_grad():
         a = DRDDInferer(slice_batch_size=3, seed=5)(volume, net)
-        b = DRDDInferer(slice_batch_size=3, seed=5)(volume, net)
+        b = DRDDInferer(slice_batch_size=7, seed=5)(volume, net)
         c = DRDDInferer(slice_batch_size=3, seed=6)(volume, net)
-    assert a.shape == volume.shape  # 20x12 is padded to the network's multiple and cropped back
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == volume.shape
+    # one noise volume per call, whatever the batching: equal up to float rounding of batched convolutions
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert (a - c).abs().mean() > 0.1  # another seed, another start noise (σ = 1 in normalised units)
 
 
-def test_2d_slices_are_independent_of_batching_for_pointwise_networks():
-    volume = torch.randn(1, 1, 6, 6, 5)
-    net = PointwiseNetworks(2)
-    sampler = DRDDSampler(DRDDSchedule(), start_scale=0.0)  # no start noise: batching cannot matter
-    whole = DRDDInferer(sampler, slice_batch_size=5)(volume, net)
-    pieces = DRDDInferer(sampler, slice_batch_size=2)(volume, net)
-    torch.testing.assert_close(whole, pieces)
-    assert net.calls[0] == (5, 2, 6, 6)  # x_t and the source slice, concatenated
+def test_sampler_feeds_each_network_its_time_on_the_method_grid():
+    """τ = a_t·T for the residual network and σ_t·T for the noise network, at t = 999 then 499."""
+    net = SpyNetworks()
+    volume = torch.rand(1, 1, 6, 6, 4) * 2 - 1
+    DRDDInferer(DRDDSampler(SCHEDULE, residual_steps=2, noise_steps=2), slice_batch_size=4)(volume, net)
+    residual_taus = [tau for _, tau in net.calls["residual"]]
+    noise_taus = [tau for _, tau in net.calls["noise"]]
+    expected_residual = [float(SCHEDULE.residual_weight[t]) * T for t in (999, 499)]
+    expected_noise = [float(SCHEDULE.noise_level[t]) * T for t in (999, 499)]
+    assert [tau.tolist() for tau in residual_taus] == [[pytest.approx(v)] * 4 for v in expected_residual]
+    assert [tau.tolist() for tau in noise_taus] == [[pytest.approx(v)] * 4 for v in expected_noise]
 
 
-def test_2_5d_context_channels_reach_the_residual_network():
-    volume = torch.arange(4.0).reshape(1, 1, 1, 1, 4).expand(1, 1, 4, 4, 4).clone()
-    net = PointwiseNetworks(2, context_slices=3)
-    DRDDInferer(DRDDSampler(DRDDSchedule(), start_scale=0.0), slice_batch_size=4)(volume, net)
-    assert net.calls[0] == (4, 4, 4, 4)  # x_t + source + 2 neighbours
+def test_residual_network_sees_the_current_sample_then_the_source():
+    net = SpyNetworks()
+    volume = torch.rand(1, 1, 6, 6, 3) * 2 - 1
+    sampler = DRDDSampler(SCHEDULE, noise_steps=0, start_scale=0.0)
+    out = DRDDInferer(sampler, slice_batch_size=3)(volume, net)
+    (first, _), (second, _) = net.calls["residual"]
+    source = volume[0].movedim(-1, 0)
+    torch.testing.assert_close(first, torch.cat([source, source], 1))  # x starts at the source (s = 0)
+    assert not torch.equal(second[:, :1], source)  # then x moves,
+    torch.testing.assert_close(second[:, 1:], source)  # the condition does not
+    assert out.shape == volume.shape
+
+
+@pytest.mark.parametrize("context_slices", [3, 5])
+def test_2_5d_context_matches_training_patches_by_value_and_order(context_slices):
+    """Two image channels: the inferer's condition channels for slice z are exactly the training patch's."""
+    depth, channels = 5, 2
+    # voxel value = 10·channel + slice, so every (channel, slice) plane is recognisable
+    values = 10 * torch.arange(channels).reshape(channels, 1) + torch.arange(depth).reshape(1, depth)
+    volume = values.reshape(1, channels, 1, 1, depth).expand(1, channels, 4, 4, depth).float().clone()
+    net = SpyNetworks(context_slices=context_slices, image_channels=channels)
+    DRDDInferer(DRDDSampler(SCHEDULE, noise_steps=0, start_scale=0.0), slice_batch_size=depth)(volume, net)
+    condition = net.calls["residual"][0][0][:, channels:, 0, 0]  # (Z, channels × context_slices)
+    patches = RandPairedPatch((4, 4), spatial_dims=2, context_slices=context_slices)
+    half = context_slices // 2
+    for z in range(depth):
+        order = [z] + [min(max(z + d, 0), depth - 1) for d in range(-half, half + 1) if d != 0]
+        expected = [10 * c + k for k in order for c in range(channels)]  # slice-major: each slice's channels
+        assert condition[z].tolist() == expected, z
+        patch = patches.crop(volume[0], (2, 2, z), with_context=True)
+        assert patch[:, 2, 2].tolist() == expected, z
 
 
 def test_3d_sliding_window_inside_each_step_has_no_seams():
     """Windows share one trajectory and one noise volume: identical to sampling the whole volume at once."""
     volume = torch.randn(1, 1, 16, 16, 12)
-    sampler = DRDDSampler(DRDDSchedule(), eta=0.5)  # start noise and η noise both exercised
-    net = PointwiseNetworks(3)
+    sampler = DRDDSampler(SCHEDULE, eta=0.5)  # start noise and η noise both exercised
+    net = SpyNetworks(3)
     whole = DRDDInferer(sampler, roi_size=None, seed=1)(volume, net)
     windowed = DRDDInferer(sampler, roi_size=(8, 8, 8), overlap=0.5, seed=1)(volume, net)
     torch.testing.assert_close(windowed, whole, rtol=1e-5, atol=1e-5)
-    assert any(shape[2:] == (8, 8, 8) for shape in net.calls)
+    assert any(inp.shape[2:] == (8, 8, 8) for inp, _ in net.calls["residual"])
 
 
-def test_3d_real_network_runs_and_keeps_shape():
-    net = DRDDNetworks.from_preset("tiny", spatial_dims=3).eval()
-    volume = torch.randn(1, 1, 12, 10, 9)
+def test_3d_real_network_keeps_shape_and_changes_the_image(real_networks, zero_predictions):
+    net = real_networks(spatial_dims=3)
+    volume = torch.rand(1, 1, 12, 10, 9) * 2 - 1
+    inferer = DRDDInferer(roi_size=(8, 8, 8), sw_batch_size=2)
     with torch.no_grad():
-        out = DRDDInferer(roi_size=(8, 8, 8), sw_batch_size=2)(volume, net)
+        out = inferer(volume, net)
+        start_only = inferer(volume, zero_predictions(net))
     assert out.shape == volume.shape and torch.isfinite(out).all()
+    assert (out - start_only).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_bf16_sampling_matches_fp32_within_bf16_rounding(device, real_networks, zero_predictions, contribution_check):
+    """bf16 autocast against fp32 with the same start noise (the GPU runs the GPU preset).
+
+    bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2 % per value); through the tens of
+    layers of 4 network evaluations this adds up to a few per cent of what the networks contribute,
+    so the bf16 sample must lie within 5 % of that contribution of the fp32 one.
+    """
+    model = real_networks("gpu" if device == "cuda" else "tiny").to(device)
+    volume = (torch.rand(1, 1, 64, 64, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    inferer = DRDDInferer(seed=0)
+    with torch.no_grad():
+        reference = inferer(volume, model)
+        networks_off = inferer(volume, zero_predictions(model))
+        with torch.autocast(device, dtype=torch.bfloat16):
+            fast = inferer(volume, model)
+    contribution_check(fast.float(), reference, networks_off, fraction=0.05)
 
 
 def test_inferer_refuses_batches():

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from drdd_med.errors import DRDDInputError
-from drdd_med.networks import PRESETS, DRDDNetworks, build_drdd_network, load_weights, network_in_channels
+from drdd_med.diffusion import DRDDSampler, DRDDSchedule
+from drdd_med.networks import (
+    PRESETS,
+    DRDDNetworks,
+    build_drdd_network,
+    load_model,
+    load_weights,
+    network_in_channels,
+    seeded_initialisation,
+)
 
 
 def test_in_channels_follow_the_conditioning_rules():
@@ -37,11 +46,11 @@ def test_factory_refuses_inconsistent_options():
 
 
 def test_load_weights_round_trip(tmp_path):
-    model = DRDDNetworks.from_preset("tiny")
+    model = seeded_initialisation(DRDDNetworks.from_preset("tiny"))
     torch.save(model.state_dict(), tmp_path / "model.pt")
     other = load_weights(DRDDNetworks.from_preset("tiny"), tmp_path / "model.pt")
-    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
-        assert torch.equal(a, b)
+    for name, a in model.state_dict().items():
+        assert name == "_extra_state" or torch.equal(a, other.state_dict()[name]), name
     torch.save({"network_ema": model.state_dict()}, tmp_path / "ckpt.pt")
     load_weights(DRDDNetworks.from_preset("tiny"), tmp_path / "ckpt.pt", key="network_ema")
 
@@ -64,3 +73,79 @@ def test_foreign_files_are_refused_without_executing(tmp_path):
         load_weights(DRDDNetworks.from_preset("tiny"), tmp_path / "evil.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_weights(DRDDNetworks.from_preset("tiny"), tmp_path / "missing.pt")
+
+
+def _trained_model(record=None, residual=7, noise=0, **kwargs):
+    model = DRDDNetworks.from_preset("tiny", record=record, **kwargs)
+    model.trained_iterations.update(residual=residual, noise=noise)
+    model.validation_sampler = DRDDSampler(DRDDSchedule(), noise_steps=0).settings()
+    return model
+
+
+def test_checkpoint_carries_the_model_record_as_plain_types(tmp_path):
+    record = {"target_normalisation": {"method": "NormalizeHU", "hu_range": [-1024, 3000]},
+              "training": {"patch_size": (64, 64), "stages": ["residual"]}}
+    model = _trained_model(record, context_slices=3)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["_extra_state"]
+    assert saved["architecture"]["context_slices"] == 3
+    assert saved["architecture"]["residual"]["channels"] == [8, 16]  # the sizes themselves, not a preset name
+    assert saved["trained_iterations"] == {"residual": 7, "noise": 0}
+    assert saved["validation_sampler"]["noise_steps"] == 0
+    assert saved["record"]["training"]["patch_size"] == [64, 64]
+    assert set(saved["versions"]) == {"drdd_med", "monai", "torch"} and len(saved["config_digest"]) == 64
+
+    loaded = load_model(tmp_path / "model.pt")
+    assert loaded.context_slices == 3 and loaded.trained_iterations == {"residual": 7, "noise": 0}
+    assert loaded.record == saved["record"]
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert name == "_extra_state" or torch.equal(a, b), name
+
+
+def test_config_digest_follows_the_declared_training_settings():
+    a = DRDDNetworks.from_preset("tiny", record={"training": {"lr": 1e-4}}).get_extra_state()
+    b = DRDDNetworks.from_preset("tiny", record={"training": {"lr": 5e-4}}).get_extra_state()
+    assert a["config_digest"] != b["config_digest"]
+
+
+def test_a_sampler_running_an_untrained_stage_is_refused(tmp_path):
+    torch.save(_trained_model().state_dict(), tmp_path / "model.pt")
+    residual_only = DRDDSampler(DRDDSchedule(), noise_steps=0)
+    assert load_model(tmp_path / "model.pt", sampler=residual_only).trained_iterations["residual"] == 7
+    with pytest.raises(DRDDInputError, match="model.pt: the sampler runs the noise stage, which this model never trained"):
+        load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule(), noise_steps=2))
+
+
+def test_a_config_contradicting_the_record_is_refused(tmp_path):
+    torch.save(_trained_model().state_dict(), tmp_path / "model.pt")
+    assert load_model(tmp_path / "model.pt", spatial_dims=None, context_slices=1).spatial_dims == 2
+    with pytest.raises(DRDDInputError, match="spatial_dims is 2 in the model but 3 in the config"):
+        load_model(tmp_path / "model.pt", spatial_dims=3)
+
+
+def test_weights_without_a_record_are_refused_clearly(tmp_path):
+    state = DRDDNetworks.from_preset("tiny").state_dict()
+    del state["_extra_state"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(DRDDInputError, match="old.pt: no drdd_med model record"):
+        load_model(tmp_path / "old.pt")
+    with pytest.raises(DRDDInputError, match="old.pt: no drdd_med model record"):
+        load_weights(DRDDNetworks.from_preset("tiny"), tmp_path / "old.pt")
+
+
+def test_training_checkpoints_load_their_ema_networks(tmp_path):
+    model = _trained_model()
+    torch.save({"network": DRDDNetworks.from_preset("tiny").state_dict(), "network_ema": model.state_dict()},
+               tmp_path / "checkpoint_final.pt")
+    assert load_model(tmp_path / "checkpoint_final.pt").trained_iterations["residual"] == 7
+
+
+def test_reinitialised_networks_have_real_outputs_that_depend_on_time():
+    model = DRDDNetworks.from_preset("tiny").eval()
+    x = torch.randn(2, 2, 16, 16)
+    assert torch.count_nonzero(model.residual(x, torch.tensor([5.0, 5.0]))) == 0  # MONAI's zero output layer
+    seeded_initialisation(model, seed=3)
+    early, late = model.residual(x, torch.tensor([5.0, 5.0])), model.residual(x, torch.tensor([700.0, 700.0]))
+    assert early.abs().mean() > 0.01 and (early - late).abs().mean() > 1e-3
+    again = seeded_initialisation(DRDDNetworks.from_preset("tiny").eval(), seed=3)
+    torch.testing.assert_close(again.residual(x, torch.tensor([5.0, 5.0])), early)  # seeded

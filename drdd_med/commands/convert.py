@@ -53,7 +53,6 @@ def register(subparsers) -> None:
     model.add_argument("--bundle", default="drdd_mr2ct", metavar="NAME_OR_PATH",
                        help="bundle folder, or the name of one under bundles/ (default: %(default)s)")
     model.add_argument("--ckpt", type=Path, metavar="FILE", help="weights file (default: the bundle's models/model.pt)")
-    model.add_argument("--preset", metavar="NAME", help="network preset of the weights (default: the bundle's rule)")
     model.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     model.add_argument("--batch-size", type=int, metavar="N", help="slices per network call (default: the bundle's)")
 
@@ -92,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from drdd_med.bundle import BundleTranslator
     from drdd_med.pacs.convert import BatchConverter
 
-    translator = BundleTranslator(args.bundle, device=args.device, preset=args.preset, ckpt=args.ckpt,
+    translator = BundleTranslator(args.bundle, device=args.device, ckpt=args.ckpt,
                                   batch_size=args.batch_size)
     rules = SeriesRules(
         modality=args.modality or translator.source_modality,

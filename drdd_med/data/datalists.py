@@ -160,13 +160,15 @@ def prepare_datalists(
     pool_dir: str | os.PathLike | None = None,
     num_validation: int = 4,
     paired_fraction: float = 1.0,
-    generate_demo: bool = True,
+    demo_dir: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> dict[str, list[dict]]:
     """The three datalists a DRDD bundle trains from: ``paired``, ``pool`` and ``validation``.
 
-    ``dataset_dir`` is a SynthRAD layout. When it holds no case and ``generate_demo`` is true, the
-    built-in demo dataset is written there first (and the log says so). Validation cases are held
+    ``dataset_dir`` is a SynthRAD layout. When it is the bundle's ``demo_dir`` and holds no case,
+    the built-in demo dataset is written there first (and the log says so); any other folder
+    without cases is an error naming the layouts read, so demo data never lands in a user's
+    folder. Validation cases are held
     out before anything else; of the rest, ``paired_fraction`` of the pairs train the residual stage.
     The noise stage's pool is every training target (paired or not) plus every image in ``pool_dir``
     (default ``dataset_dir/ct_pool``).
@@ -174,10 +176,13 @@ def prepare_datalists(
     dataset_dir = Path(dataset_dir)
     cases = synthrad_datalist(dataset_dir, task, regions)
     if not cases:
-        if not generate_demo:
+        if not _is_demo_dir(dataset_dir, demo_dir):
+            source = SYNTHRAD_SOURCES[task]
             raise DRDDInputError(
-                f"dataset_dir holds no {task} cases in SynthRAD layout ({task}/<region>/<case>/...); "
-                "point dataset_dir at your data or enable generate_demo to use the built-in demo data"
+                f"dataset_dir holds no {task} cases in a layout drdd_med reads: SynthRAD2023 "
+                f"({task}/<region>/<case>/{{{source},ct,mask}}.nii.gz) or SynthRAD2025 (the same with .mha); "
+                "point dataset_dir at such a folder (drdd-med prepare-pairs writes one from raw pairs), "
+                "or leave it at the bundle's default to train on the built-in demo data"
             )
         from drdd_med.data.demo import write_demo_dataset
 
@@ -190,6 +195,10 @@ def prepare_datalists(
     pool += target_pool(pool_dir if pool_dir is not None else dataset_dir / "ct_pool")
     logger.info("datalists: %d paired, %d in the target pool, %d validation cases", len(paired), len(pool), len(validation))
     return {"paired": paired, "pool": pool, "validation": validation}
+
+
+def _is_demo_dir(dataset_dir: str | os.PathLike, demo_dir: str | os.PathLike | None) -> bool:
+    return demo_dir is not None and Path(dataset_dir).resolve() == Path(demo_dir).resolve()
 
 
 def _counts(summary: dict) -> str:
@@ -213,7 +222,7 @@ def inference_datalist(
     if input_path is None or str(input_path) == "":
         if dataset_dir is None:
             raise ValueError("give an input (file, folder or datalist) or the dataset_dir whose held-out cases to use")
-        return prepare_datalists(dataset_dir, task, num_validation=num_validation, generate_demo=False, seed=seed)[
+        return prepare_datalists(dataset_dir, task, num_validation=num_validation, seed=seed)[
             "validation"
         ]
     path = Path(input_path)
@@ -358,7 +367,7 @@ def prepare_ldct_datalists(
     num_validation: int = 4,
     held_out: Sequence[str] = MAYO_TEST_PATIENTS,
     dose_fraction: float = 0.25,
-    generate_demo: bool = True,
+    demo_dir: str | os.PathLike | None = None,
     demo_cases: int = 16,
     demo_shape: Sequence[int] = (128, 128, 48),
     demo_spacing: Sequence[float] = (1.5, 1.5, 3.0),
@@ -373,9 +382,9 @@ def prepare_ldct_datalists(
       the validation cases; or
     - a folder of full-dose CT volumes (searched recursively; ``target_pool``): ``paired`` items hold
       only the ``target``, the training pipeline simulates the low-dose ``source``;
-      ``num_validation`` cases are held out with ``seed``. When the folder holds no volume and
-      ``generate_demo`` is true, ``demo_cases`` CT-only demo head phantoms of ``demo_shape`` voxels
-      at ``demo_spacing`` mm are written there first.
+      ``num_validation`` cases are held out with ``seed``. When the folder is the bundle's
+      ``demo_dir`` and holds no volume, ``demo_cases`` CT-only demo head phantoms of ``demo_shape``
+      voxels at ``demo_spacing`` mm are written there first; any other empty folder is an error.
 
     Held-out cases are written to ``heldout_dir`` by ``prepare_heldout_case`` (real low-dose scan,
     or one simulated at ``dose_fraction``), so that validation, inference and scoring all read the
@@ -399,11 +408,12 @@ def prepare_ldct_datalists(
     else:
         cases = target_pool(dataset_dir)
         if not cases:
-            if not generate_demo:
+            if not _is_demo_dir(dataset_dir, demo_dir):
                 raise DRDDInputError(
-                    "dataset_dir holds no full-dose CT volumes and no Mayo patient folders (<patient>/"
-                    f"{MAYO_SOURCE_FOLDER}, <patient>/{MAYO_TARGET_FOLDER}); point dataset_dir at your data or "
-                    "enable generate_demo to use the built-in demo data"
+                    "dataset_dir holds no data in a layout drdd_med reads: AAPM/Mayo 2016 patient folders "
+                    f"(<patient>/{MAYO_SOURCE_FOLDER}, <patient>/{MAYO_TARGET_FOLDER}) or full-dose CT volumes "
+                    f"({', '.join(IMAGE_SUFFIXES)}, any depth); point dataset_dir at such a folder, or leave it at "
+                    "the bundle's default to train on the built-in demo data"
                 )
             from drdd_med.data.demo import write_demo_dataset
 
@@ -435,7 +445,7 @@ def ldct_inference_datalist(
     from drdd_med.data.readers import DICOM_SUFFIXES
 
     if input_path is None or str(input_path) == "":
-        return prepare_ldct_datalists(dataset_dir, heldout_dir, generate_demo=False, **split)["validation"]
+        return prepare_ldct_datalists(dataset_dir, heldout_dir, **split)["validation"]
     path = Path(input_path)
     if not path.exists():
         raise FileNotFoundError(f"{path.name}: the inference input does not exist")

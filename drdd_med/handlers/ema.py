@@ -40,7 +40,12 @@ class EMAHandler:
     def update(self, engine: Engine) -> None:
         weight = 1 - self.current_decay(engine.state.iteration)
         ema = self.ema_network.state_dict()
-        for name, value in self.network.state_dict().items():
+        state = self.network.state_dict()
+        # non-tensor entries (a model record kept as extra state) describe the training: copy them
+        self.ema_network.load_state_dict({k: v for k, v in state.items() if not torch.is_tensor(v)}, strict=False)
+        for name, value in state.items():
+            if not torch.is_tensor(value):
+                continue
             if value.dtype.is_floating_point:
                 ema[name].lerp_(value, weight)
             else:

@@ -159,8 +159,8 @@ class RandPairedPatch(Randomizable):
 
     - ``spatial_dims=2``: 2D slices along the last axis, cropped to ``roi_size`` in-plane; images
       flagged ``with_context`` (the source) carry ``context_slices`` neighbouring slices (odd ``k``;
-      2.5D) as channels: centre slice first, then the others in spatial order (edge slices repeated
-      at the volume's ends).
+      2.5D) as channels: the centre slice's C channels first, then the C channels of each other
+      slice in spatial order (edge slices repeated at the volume's ends), as ``DRDDInferer`` builds them.
     - ``spatial_dims=3``: 3D patches of ``roi_size``.
 
     A patch centre lies inside the body (``weight_mask > 0``) with probability ``body_fraction``,
@@ -207,7 +207,8 @@ class RandPairedPatch(Randomizable):
             half = self.context_slices // 2 if with_context else 0
             order = [0] + [d for d in range(-half, half + 1) if d != 0]
             ks = [min(max(z + d, 0), img.shape[-1] - 1) for d in order]
-            planes = img[..., ks].movedim(-1, 1).reshape(-1, *img.shape[1:3])  # (C*k, X, Y)
+            # slice-major, (k*C, X, Y): all C channels of the centre slice, then of each neighbour
+            planes = img[..., ks].movedim(-1, 0).reshape(-1, *img.shape[1:3])
             return _window(planes, (x, y), self.roi_size)
         return _window(img, centre, self.roi_size)
 

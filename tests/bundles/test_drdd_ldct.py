@@ -21,8 +21,13 @@ BUNDLE = ROOT / "bundles" / "drdd_ldct"
 CONFIGS = "bundles/drdd_ldct/configs/"
 # tiny networks, small phantoms and short runs: these tests check wiring and outputs, not image quality
 FAST = ["--network_preset", "tiny", "--num_validation", "2", "--patches_per_volume", "2"]
+# 3 small training volumes make one iteration per epoch: average every iteration, so that the EMA
+# weights saved as model.pt are trained ones (the model record would rightly call them untrained)
+EMA_EVERY_ITERATION = ["--train#handlers#0#every", "1"]
 SMALL_DEMO = {"demo_cases": 5, "demo_shape": [64, 64, 8], "demo_spacing": [3.0, 3.0, 12.0]}
 DEMO = [arg for key, value in SMALL_DEMO.items() for arg in (f"--{key}", json.dumps(value))]
+# inference takes no network flags: the networks are rebuilt from the model record in model.pt
+HELD_OUT = ["--num_validation", "2"]
 
 
 def run(*args, expect_ok=True):
@@ -42,15 +47,26 @@ def bundle_run(*args, expect_ok=True):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ldct")
     log = bundle_run("training", "--config_file", CONFIGS + "train.json", "--bundle_root", str(root),
-                     "--max_epochs", "2", "--val_interval", "1", *FAST, *DEMO)
+                     "--max_epochs", "2", "--val_interval", "1", *FAST, *DEMO, *EMA_EVERY_ITERATION)
     return root, log
 
 
 @pytest.fixture(scope="module")
 def inferred(trained):
     root, _ = trained
-    log = bundle_run("run", "--config_file", CONFIGS + "inference.json", "--bundle_root", str(root), *FAST)
+    log = bundle_run("run", "--config_file", CONFIGS + "inference.json", "--bundle_root", str(root), *HELD_OUT)
     return root, log
+
+
+@pytest.fixture(scope="module")
+def noise_stage(trained):
+    """The noise stage alone, trained on the same bundle's full-dose CTs (as the study's docstring says)."""
+    root, _ = trained
+    other = root.parent / f"{root.name}_noise"
+    bundle_run("training", "--config_file", CONFIGS + "train.json", "--bundle_root", str(other),
+               "--dataset_dir", str(root / "data" / "demo"), "--heldout_dir", str(root / "data" / "heldout"),
+               "--stages", "['noise']", "--max_epochs", "1", "--val_interval", "1000", *FAST, *EMA_EVERY_ITERATION)
+    return other / "models" / "checkpoint_final.pt"
 
 
 def test_training_generates_demo_data_held_out_inputs_and_checkpoints(trained):
@@ -88,8 +104,19 @@ def test_inference_denoises_the_held_out_inputs_on_their_grid_and_reruns_skip(in
         assert out.get_data_dtype() == np.int16 and out.shape == low.shape
         np.testing.assert_allclose(out.affine, low.affine, atol=1e-4)
         assert (root / "eval" / case / "preview.png").stat().st_size > 1000
-    log = bundle_run("run", "--config_file", CONFIGS + "inference.json", "--bundle_root", str(root), *FAST)
+    log = bundle_run("run", "--config_file", CONFIGS + "inference.json", "--bundle_root", str(root), *HELD_OUT)
     assert "2 of 2 cases have a synthetic CT already" in log
+
+
+def test_two_stage_sampling_of_a_residual_only_model_is_refused(trained):
+    """two_stage.json samples the noise stage; this model never trained it (it would return σ ≈ 1 noise)."""
+    root, _ = trained
+    configs = f"['{CONFIGS}inference.json','{CONFIGS}two_stage.json']"
+    log = bundle_run("run", "--config_file", configs, "--bundle_root", str(root), "--output_dir", str(root / "other"),
+                     *HELD_OUT, expect_ok=False)
+    assert "model.pt: the sampler runs the noise stage, which this model never trained" in log
+    assert "set the sampler's noise_steps to 0" in log
+    assert not (root / "other").exists()
 
 
 def test_evaluate_scores_the_windowed_metrics_inside_the_body(inferred):
@@ -118,10 +145,12 @@ def test_report_scores_drdd_against_the_low_dose_input_and_classical_denoisers(i
     assert "pass --overwrite" in again
 
 
-def test_noise_stage_study_scores_the_three_samplers(trained):
+def test_noise_stage_study_scores_the_three_samplers(trained, noise_stage):
     root, _ = trained
-    args = ("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root), "--network_preset", "tiny",
-            "--noise_ckpt", str(root / "models" / "checkpoint_final.pt"))
+    residual_only = run("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root), "--noise_ckpt",
+                        str(root / "models" / "checkpoint_final.pt"), expect_ok=False)
+    assert "the sampler runs the noise stage, which this model never trained" in residual_only
+    args = ("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root), "--noise_ckpt", str(noise_stage))
     log = run(*args)
     results = json.loads((root / "noise_stage_study.json").read_text())
     assert set(results["metrics"]) == {"residual only", "two-stage (method default)", "noise refinement at sigma_0"}
@@ -266,11 +295,12 @@ def test_a_training_volume_not_in_hounsfield_units(demo_cts):
     assert isinstance(err, DRDDInputError) and "1BP003" in str(err) and "Hounsfield" in str(err)
 
 
-def test_empty_dataset_with_demo_generation_off(tmp_path):
+def test_a_user_folder_without_data_gets_the_layouts_not_demo_data(tmp_path):
     (tmp_path / "empty").mkdir()
-    err = _cause_of(_train_parser(tmp_path / "empty", generate_demo=False), "datalists")
-    assert isinstance(err, DRDDInputError) and "no full-dose CT volumes and no Mayo patient folders" in str(err)
-    assert not any((tmp_path / "empty").iterdir())
+    err = _cause_of(_train_parser(tmp_path / "empty"), "datalists")
+    assert isinstance(err, DRDDInputError) and "holds no data in a layout drdd_med reads" in str(err)
+    assert "AAPM/Mayo 2016" in str(err) and "full-dose CT volumes" in str(err)
+    assert not any((tmp_path / "empty").iterdir())  # nothing generated there
 
 
 def test_held_out_folder_inside_the_dataset_is_refused(demo_cts):

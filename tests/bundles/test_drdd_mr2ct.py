@@ -9,10 +9,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 from drdd_med.data.demo import write_demo_dataset
 from drdd_med.errors import DRDDInputError, GridMismatchError, NonFiniteError
+from drdd_med.networks import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "drdd_mr2ct"
@@ -20,6 +22,8 @@ TRAIN = "bundles/drdd_mr2ct/configs/train.json"
 INFER = "bundles/drdd_mr2ct/configs/inference.json"
 # tiny networks and short runs: these tests check wiring and outputs, not image quality
 FAST = ["--network_preset", "tiny", "--num_validation", "2", "--patches_per_volume", "2"]
+# inference takes no network flags: the networks are rebuilt from the model record in model.pt
+HELD_OUT = ["--num_validation", "2"]
 
 
 def bundle_run(*args, expect_ok=True):
@@ -59,7 +63,7 @@ def test_training_again_refuses_to_overwrite_the_model(trained):
 
 def test_inference_writes_synthetic_ct_on_the_source_grid_and_reruns_skip(trained):
     root, _ = trained
-    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)
     cases = sorted(p.name for p in (root / "eval").iterdir())
     assert len(cases) == 2
     for case in cases:
@@ -72,14 +76,14 @@ def test_inference_writes_synthetic_ct_on_the_source_grid_and_reruns_skip(traine
         assert values.min() >= -1024 and values.max() <= 3000
         assert (root / "eval" / case / "preview.png").stat().st_size > 1000
     stamps = [(root / "eval" / c / "sct.nii.gz").stat().st_mtime_ns for c in cases]
-    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)
     assert "2 of 2 cases have a synthetic CT already" in log
     assert stamps == [(root / "eval" / c / "sct.nii.gz").stat().st_mtime_ns for c in cases]
 
 
 def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
     root, _ = trained
-    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)  # skips finished cases
+    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)  # skips finished cases
     bundle_run("run", "--config_file", "bundles/drdd_mr2ct/configs/evaluate.json", "--bundle_root", str(root))
     summary = json.loads((root / "eval_metrics" / "summary.json").read_text())
     assert summary["counts"]["evaluated"] == 2
@@ -90,7 +94,7 @@ def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
 
 def test_report_scores_drdd_against_the_monotone_baseline_and_never_half_writes(trained):
     root, _ = trained
-    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *FAST)  # skips finished cases
+    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)  # skips finished cases
     script = [sys.executable, "scripts/mr2ct_demo_report.py", "--bundle_root", str(root)]
     result = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,11 +107,25 @@ def test_report_scores_drdd_against_the_monotone_baseline_and_never_half_writes(
     assert json.loads((root / "report" / "report.json").read_text()) == report
 
 
-def test_inference_refuses_a_checkpoint_of_another_network_size(trained):
+def test_model_records_how_it_was_built_and_trained(trained):
     root, _ = trained
-    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), "--network_preset", "cpu-demo",
-                     "--output_dir", str(root / "other"), "--num_validation", "2", expect_ok=False)
-    assert "model.pt: checkpoint does not match the configured networks" in log
+    record = torch.load(root / "models" / "model.pt", weights_only=True)["_extra_state"]
+    assert record["architecture"]["residual"]["channels"] == list(PRESETS["tiny"]["residual"]["channels"])
+    assert record["architecture"]["context_slices"] == 1 and record["architecture"]["spatial_dims"] == 2
+    assert record["trained_iterations"]["residual"] > 0 and record["trained_iterations"]["noise"] > 0
+    assert record["validation_sampler"] == {"residual_steps": 2, "noise_steps": 2, "eta": 0.0, "start_scale": 1.0,
+                                            "noise_start": None, "num_train_timesteps": 1000}
+    training = record["record"]["training"]
+    assert training["profile"] == "cpu" and training["network_preset"] == "tiny" and training["patches_per_volume"] == 2
+    assert record["record"]["target_normalisation"]["hu_range"] == [-1024, 3000]
+    assert str(root) not in json.dumps(record)  # no paths (nor anything else from the data)
+
+
+def test_inference_refuses_a_config_that_contradicts_the_model(trained):
+    root, _ = trained
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), "--context_slices", "3",
+                     "--output_dir", str(root / "other"), *HELD_OUT, expect_ok=False)
+    assert "model.pt: the config does not match the model: context_slices is 1 in the model but 3 in the config" in log
     assert not (root / "other").exists()
 
 
@@ -140,11 +158,13 @@ def _cause_of(parser, id_):
     return _root_cause(info.value)
 
 
-def test_empty_dataset_with_demo_generation_off(tmp_path):
+def test_a_user_folder_without_cases_gets_the_layouts_not_demo_data(tmp_path):
     (tmp_path / "empty").mkdir()
-    err = _cause_of(_train_parser(tmp_path / "empty", generate_demo=False), "datalists")
-    assert isinstance(err, DRDDInputError) and "holds no Task1 cases" in str(err)
-    assert not any((tmp_path / "empty").iterdir())
+    (tmp_path / "empty" / "notes.txt").write_text("not a dataset")
+    err = _cause_of(_train_parser(tmp_path / "empty"), "datalists")
+    assert isinstance(err, DRDDInputError) and "holds no Task1 cases in a layout drdd_med reads" in str(err)
+    assert "SynthRAD2023" in str(err) and "SynthRAD2025" in str(err)
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["notes.txt"]  # nothing generated there
 
 
 def test_source_and_target_on_different_grids(demo_copy):

@@ -65,7 +65,7 @@ def test_pool_splits_and_paired_fraction(synthrad):
 
 
 def test_prepare_datalists_pool_holds_all_training_targets(synthrad):
-    lists = prepare_datalists(synthrad, num_validation=1, paired_fraction=0.5, generate_demo=False)
+    lists = prepare_datalists(synthrad, num_validation=1, paired_fraction=0.5)
     assert len(lists["validation"]) == 1
     pool_ids = {it["case_id"] for it in lists["pool"]}
     train_ids = {it["case_id"] for it in synthrad_datalist(synthrad)} - {lists["validation"][0]["case_id"]}
@@ -100,3 +100,17 @@ def test_inference_inputs(synthrad, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DRDDInputError, match="no image files"):
         inference_datalist(tmp_path / "empty")
+
+
+def test_demo_data_is_generated_only_at_the_bundles_demo_folder(tmp_path, monkeypatch):
+    import drdd_med.data.demo as demo
+
+    written = []
+    monkeypatch.setattr(demo, "write_demo_dataset", lambda folder, **kw: written.append(folder) or {})
+    (tmp_path / "user").mkdir()
+    with pytest.raises(DRDDInputError, match="holds no Task1 cases in a layout drdd_med reads"):
+        prepare_datalists(tmp_path / "user", demo_dir=tmp_path / "demo")
+    assert not written and not any((tmp_path / "user").iterdir())
+    with pytest.raises(DRDDInputError):  # the stub writes nothing, so the demo folder stays empty
+        prepare_datalists(tmp_path / "demo" / ".." / "demo", demo_dir=tmp_path / "demo")
+    assert written == [tmp_path / "demo" / ".." / "demo"]  # the same folder, however it is spelled

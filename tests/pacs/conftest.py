@@ -26,7 +26,6 @@ from pacs_helpers import CLIENT_AET, ORTHANC_AET, REFUSED_PATIENT_ID, ROOT, SHAP
 from drdd_med.bundle import BundleTranslator
 from drdd_med.data.demo import generate_head_phantom
 from drdd_med.data.writers import write_volume
-from drdd_med.networks import DRDDNetworks
 
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORTHANC_USER = ("drdd-test", "not-a-real-secret")
@@ -45,16 +44,13 @@ end
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> dict:
-    """Seeded tiny-preset weights (untrained: these tests check wiring and values, not image quality)."""
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.manual_seed(0)
-    torch.save(DRDDNetworks.from_preset("tiny").state_dict(), path)
-    return {"ckpt": path, "preset": "tiny"}
+    """A tiny model file (these tests check wiring and values, not image quality)."""
+    return {"ckpt": save_model(tmp_path_factory.mktemp("model") / "model.pt")}
 
 
 @pytest.fixture(scope="session")
 def translator(tiny_model) -> BundleTranslator:
-    return BundleTranslator("drdd_mr2ct", device="cpu", preset=tiny_model["preset"], ckpt=tiny_model["ckpt"])
+    return BundleTranslator("drdd_mr2ct", device="cpu", ckpt=tiny_model["ckpt"])
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +70,7 @@ def nifti_reference(tmp_path_factory, tiny_model):
             parser.read_config(str(ROOT / "bundles" / "drdd_mr2ct" / "configs" / "inference.json"))
             parser.update({
                 "bundle_root": str(ROOT / "bundles" / "drdd_mr2ct"), "ckpt_path": str(tiny_model["ckpt"]),
-                "network_preset": tiny_model["preset"], "device": "$torch.device('cpu')", "precision": "fp32",
+                "device": "$torch.device('cpu')",
                 "input": str(work / "mr"), "output_dir": str(work / "eval"),
             })
             parser.get_parsed_content("run")

@@ -35,7 +35,17 @@ def free_ports(count: int) -> list[int]:
 
 
 def model_args(tiny_model: dict) -> list[str]:
-    return ["--preset", tiny_model["preset"], "--ckpt", str(tiny_model["ckpt"]), "--device", "cpu"]
+    return ["--ckpt", str(tiny_model["ckpt"]), "--device", "cpu"]
+
+
+class StubTranslator:
+    """A stand-in model for tests of the batch machinery: synthetic HU = source value - 1000, instantly."""
+
+    source_modality, model_name, model_version = "MR", "stub", "1"
+    model_id = "stub 1"
+
+    def translate(self, volume, name: str = "case") -> np.ndarray:
+        return np.asarray(volume, dtype=np.float32) - 1000.0
 
 
 def write_demo_study(root: Path, seed: int, **attributes) -> tuple[list[Path], dict]:
