@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from drdd_med.pacs.endpoints import SeriesRules, TransferError, open_destination, open_source
-from drdd_med.pacs.journal import JournalLockedError
+from drdd_med.pacs.journal import JournalLockedError, part_journal_path
 
 USER_ENV, PASSWORD_ENV = "DRDD_DICOMWEB_USER", "DRDD_DICOMWEB_PASSWORD"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -19,8 +19,8 @@ synthetic, referencing its source) at the destination, exactly once: a job journ
 records each finished series, so a rerun skips them and a run killed at any point and restarted
 finishes the rest without duplicates (the synthetic series' UIDs are derived from the source and
 the model). Failed transfers are retried with backoff; a series that still fails, or whose input
-is refused (not an image, gantry tilt, missing slices...), is recorded with its reason and the
-run goes on. A report (CSV and JSON) lists converted / skipped / failed series by keyed hashes of
+is refused (not an image, gantry tilt, missing slices...), or that the destination then holds only
+partly (its stored count is checked), is recorded with its reason and the run goes on. A report (CSV and JSON) lists converted / skipped / failed series by keyed hashes of
 their UIDs; logs carry no patient data or paths.
 
 SOURCE and DESTINATION are each a folder, a DIMSE node dimse://AET@host:port (C-FIND, then C-GET
@@ -77,6 +77,12 @@ def register(subparsers) -> None:
     run_options.add_argument("--retry-failed", action="store_true",
                              help="also retry series whose input was refused in an earlier run")
     run_options.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
+    run_options.add_argument("--num-parts", type=int, default=1, metavar="N",
+                             help="split the series into N parts by a hash of their SeriesInstanceUID, to run "
+                                  "on N machines or GPUs at once (default: %(default)s)")
+    run_options.add_argument("--part-id", type=int, default=0, metavar="I",
+                             help="convert part I (0 .. N-1) only; each part keeps its own journal, "
+                                  "FILE.partI-of-N.sqlite beside --journal (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -100,14 +106,17 @@ def run(args: argparse.Namespace) -> int:
         series_uids=args.series_uid,
         date_from=args.date_from,
         date_to=args.date_to,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
     )
+    journal = part_journal_path(args.journal, args.num_parts, args.part_id)
     auth = _dicomweb_auth()
     source = open_source(args.source, calling_aet=args.calling_aet, retrieve=args.retrieve,
                          move_port=args.move_port, move_host=args.move_host, auth=auth, timeout=args.timeout)
     try:
         destination = open_destination(args.destination, calling_aet=args.calling_aet, auth=auth,
                                        timeout=args.timeout)
-        converter = BatchConverter(source, destination, translator, args.journal, rules=rules,
+        converter = BatchConverter(source, destination, translator, journal, rules=rules,
                                    attempts=args.attempts, backoff_s=args.backoff, retry_failed=args.retry_failed,
                                    progress=not args.no_progress)
         try:
@@ -122,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             destination.close()
     finally:
         source.close()
-    prefix = args.report or args.journal.with_name(f"drdd-convert-{report.job_id}")
+    prefix = args.report or journal.with_name(f"drdd-convert-{report.job_id}")
     csv_path, json_path = report.write(prefix)
     counts = report.counts
     print(f"job {report.job_id}: {counts['converted']} converted, {counts['skipped']} skipped, "

@@ -22,7 +22,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from monai.transforms import LoadImage
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
 from scipy import ndimage
 
 from drdd_med.data.readers import check_volume_size
@@ -55,11 +56,19 @@ MULTI_FRAME_CLASSES = frozenset(
         dicom_uid.LegacyConvertedEnhancedPETImageStorage,
     }
 )
+UidHash = Callable[[str], str]  # a UID -> the short hash naming its series in labels
 PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_SIZE_BYTES = 1024
 NATIVE_TRANSFER_SYNTAXES = frozenset(
     {dicom_uid.ImplicitVRLittleEndian, dicom_uid.ExplicitVRLittleEndian, dicom_uid.ExplicitVRBigEndian}
+)
+# The pip package that decodes each family of compressed transfer syntaxes (python-gdcm decodes all of them).
+DECODER_PACKAGES = (
+    (dicom_uid.JPEGTransferSyntaxes, "python-gdcm"),
+    (dicom_uid.JPEGLSTransferSyntaxes, "pyjpegls"),
+    (dicom_uid.JPEG2000TransferSyntaxes, "pylibjpeg-openjpeg"),
+    ((dicom_uid.RLELossless,), "pylibjpeg-rle"),
 )
 
 DUPLICATE_TOLERANCE_MM = 0.01
@@ -67,6 +76,9 @@ DUPLICATE_TOLERANCE_MM = 0.01
 SPACING_RTOL, SPACING_ATOL_MM = 0.01, 0.02
 # In-plane drift of slice positions (fraction of a pixel) still treated as an unsheared stack.
 SHEAR_TOLERANCE_PIXELS = 0.1
+# A grid plane this close to a slice (fraction of the gap to the next one) takes that slice alone: a
+# rounding-level weight must not blend in the other slice, whose edge strip is NaN where it covers nothing.
+SLICE_WEIGHT_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -310,6 +322,23 @@ def _slices_of(file: Path, header: Dataset) -> list[SourceSlice] | str:
     return slices
 
 
+def _mosaic_images(header: Dataset) -> int | None:
+    """How many images a Siemens mosaic tiles into its one frame (0 if unknown), None if it is no mosaic.
+
+    Siemens writes fMRI/DTI volumes as one frame of tiled slices, marked by MOSAIC in ImageType and
+    by the private NumberOfImagesInMosaic; its position is not any one slice's.
+    """
+    try:
+        count = header.get_private_item(0x0019, 0x0A, "SIEMENS MR HEADER").value
+    except (KeyError, ValueError):
+        count = None
+    if isinstance(count, bytes):  # read without the private dictionary: US, little endian
+        count = int.from_bytes(count[:2], "little")
+    if count:
+        return int(count)
+    return 0 if "MOSAIC" in [str(v).upper() for v in ensure_tuple(header.get("ImageType") or ())] else None
+
+
 def _series_label(number: int | None, description: str, modality: str, key_hash: str) -> str:
     described = f" '{description}'" if description else ""
     return f"series {number if number is not None else '?'}{described} ({modality or '?'} #{key_hash})"
@@ -331,9 +360,9 @@ def _stack_key(item: SourceSlice) -> tuple:
     )
 
 
-def _series_key_hash(series_uid: str, sop_instance_uids: Sequence[str]) -> str:
+def _series_key_hash(series_uid: str, sop_instance_uids: Sequence[str], uid_hash: UidHash | None = None) -> str:
     identity = series_uid or "|".join(sorted(sop_instance_uids))
-    return hashlib.sha256(identity.encode()).hexdigest()[:8]
+    return uid_hash(identity) if uid_hash is not None else hashlib.sha256(identity.encode()).hexdigest()[:8]
 
 
 def _series_identity(header: Dataset) -> tuple[int | None, str, str]:
@@ -343,13 +372,13 @@ def _series_identity(header: Dataset) -> tuple[int | None, str, str]:
     return number, str(header.get("Modality") or ""), str(header.get("SeriesDescription") or "")
 
 
-def _group_series(slices: list[SourceSlice]) -> list[_Candidate]:
+def _group_series(slices: list[SourceSlice], uid_hash: UidHash | None = None) -> list[_Candidate]:
     by_series: dict[str, list[SourceSlice]] = {}
     for item in slices:
         by_series.setdefault(str(item.header.get("SeriesInstanceUID") or ""), []).append(item)
     candidates = []
     for series_uid, members in by_series.items():
-        key_hash = _series_key_hash(series_uid, [m.sop_instance_uid for m in members])
+        key_hash = _series_key_hash(series_uid, [m.sop_instance_uid for m in members], uid_hash)
         first = members[0].header
         number, modality, description = _series_identity(first)
         stacks: dict[tuple, list[SourceSlice]] = {}
@@ -403,6 +432,13 @@ def _plan_grid(
 ) -> tuple[list[SourceSlice], tuple[int, int, int], np.ndarray, bool]:
     """Sort the slices spatially, validate the stack; return (slices, shape, RAS affine, resampled)."""
     for item in slices:
+        mosaic = _mosaic_images(item.header)
+        if mosaic is not None:
+            tiles = f"{mosaic} images" if mosaic else "images"
+            raise GeometryError(
+                f"{label}: {item.name}: a Siemens mosaic ({tiles} tiled in one {item.header.Rows}x"
+                f"{item.header.Columns} frame), not one slice; unpack it first, e.g. with dcm2niix"
+            )
         if item.position is None or item.orientation is None or item.pixel_spacing is None:
             raise GeometryError(
                 f"{label}: {item.name} has no complete plane geometry "
@@ -559,6 +595,7 @@ def scan_dicom_series(
     expected_modality: str | None = None,
     max_voxels: int | None = None,
     max_bytes: int | None = None,
+    uid_hash: UidHash | None = None,
 ) -> SeriesInfo:
     """Scan the headers under ``path`` (a DICOM file or a folder, searched recursively) and validate one series.
 
@@ -571,6 +608,10 @@ def scan_dicom_series(
     gantry tilt, mixed orientations) raises ``GeometryError`` unless ``resample`` (not possible for
     duplicates or mixed orientations). The size of the volume to be returned is checked against
     ``max_voxels``/``max_bytes`` (float32) here, before any pixel is read.
+
+    Messages and logs name a series by a label with an unkeyed hash of its UID, or with
+    ``uid_hash(uid)`` when given: a batch conversion passes its keyed hash (``Redactor.uid``), so
+    the label matches its report and cannot be computed from a UID without the journal's key.
     """
     if isinstance(path, (str, os.PathLike)):
         path = Path(path)
@@ -602,7 +643,7 @@ def scan_dicom_series(
         reasons = ", ".join(f"{count} {why}" for why, count in sorted(skipped.items())) or "no files"
         raise DRDDInputError(f"{where}: no CT, MR or PET DICOM images found ({reasons})")
 
-    candidate = _select(_group_series(slices), selection, where)
+    candidate = _select(_group_series(slices, uid_hash), selection, where)
     if expected_modality is not None and candidate.modality.upper() != expected_modality.upper():
         raise DRDDInputError(
             f"{where}: {candidate.label} has modality {candidate.modality or '(none)'}, "
@@ -624,6 +665,28 @@ def scan_dicom_series(
         affine=affine,
         resampled=resampled,
     )
+
+
+def _decode_failure(item: SourceSlice) -> str:
+    """Why a plane may not decode: its transfer syntax (name and UID) and the package that decodes it.
+
+    A missing decoder and damaged data raise the same errors in pydicom; which one it was is told
+    by whether pydicom has a decoder for the transfer syntax at all.
+    """
+    syntax = dicom_uid.UID(str(getattr(item.header, "file_meta", Dataset()).get("TransferSyntaxUID") or ""))
+    if not syntax.is_transfer_syntax:  # none, or a private one
+        return f"unknown transfer syntax {syntax or '(none in the file meta)'}; python-gdcm may decode it"
+    named = f"transfer syntax {syntax.name} ({syntax})"
+    if not syntax.is_compressed:
+        return f"{named}: truncated or corrupt"
+    package = next((name for family, name in DECODER_PACKAGES if syntax in family), "python-gdcm")
+    try:
+        installed = get_decoder(syntax).is_available
+    except NotImplementedError:  # pydicom has no decoder of its own for this transfer syntax
+        installed = False
+    if not installed:
+        return f"{named}: no decoder installed, install {package} (pip install {package})"
+    return f"{named}: truncated or corrupt, or {package} is too old for it"
 
 
 class _PlaneReader:
@@ -653,9 +716,7 @@ class _PlaneReader:
         except OSError as err:
             raise DRDDInputError(f"{item.name}: cannot be read ({err.strerror or type(err).__name__})") from err
         except Exception as err:  # decoders raise many types on damaged data
-            raise DRDDInputError(
-                f"{item.name}: pixel data cannot be decoded (truncated, corrupt or an unsupported compression)"
-            ) from err
+            raise DRDDInputError(f"{item.name}: pixel data cannot be decoded ({_decode_failure(item)})") from err
         expected = (int(item.header.Rows), int(item.header.Columns))
         if plane.shape != expected:
             raise DRDDInputError(f"{item.name}: pixel data has shape {plane.shape}, the header says {expected}")
@@ -678,8 +739,9 @@ def _resample_onto_grid(info: SeriesInfo, read_plane: _PlaneReader, volume: np.n
     """Fill ``volume`` from the slices' true positions: bilinear in-plane, linear across slices.
 
     All slices are parallel, so a tilted stack needs only an in-plane shift per slice onto the
-    common grid; uneven spacing then needs only linear interpolation along the normal. Grid voxels
-    that no slice covers get the volume's minimum value.
+    common grid; uneven spacing then needs only linear interpolation along the normal. A grid plane
+    on a slice (within ``SLICE_WEIGHT_TOLERANCE``) is that slice alone; grid voxels that the slices
+    enclosing them do not both cover get the volume's minimum value.
     """
     affine = info.affine_lps
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -704,9 +766,13 @@ def _resample_onto_grid(info: SeriesInfo, read_plane: _PlaneReader, volume: np.n
     for s in range(depth):
         target = s * spacing[2]
         k = int(np.clip(np.searchsorted(distances, target, side="right") - 1, 0, len(distances) - 2))
-        weight = float(np.clip((target - distances[k]) / (distances[k + 1] - distances[k]), 0.0, 1.0))
-        below, above = aligned_plane(k), aligned_plane(k + 1)
-        volume[:, :, s] = below if weight == 0.0 else (1.0 - weight) * below + weight * above
+        weight = (target - distances[k]) / (distances[k + 1] - distances[k])
+        if weight <= SLICE_WEIGHT_TOLERANCE:
+            volume[:, :, s] = aligned_plane(k)
+        elif weight >= 1.0 - SLICE_WEIGHT_TOLERANCE:
+            volume[:, :, s] = aligned_plane(k + 1)
+        else:
+            volume[:, :, s] = (1.0 - weight) * aligned_plane(k) + weight * aligned_plane(k + 1)
     uncovered = np.isnan(volume)
     if uncovered.any():
         volume[uncovered] = np.nanmin(volume)

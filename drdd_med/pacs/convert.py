@@ -5,8 +5,14 @@ Each series crosses the layers once: source (fetch) -> reader (``scan_dicom_seri
 -> destination (deliver). The journal (``Journal``) makes the run restartable: finished series are
 skipped, a series interrupted by a crash is redone, and the synthetic series' UIDs are derived
 from the source and model so a redo replaces rather than duplicates. Transfer failures are retried
-``attempts`` times with exponential backoff; input the reader refuses is not retried. Either way
-the series is recorded as failed, with its reason, and the run goes on with the next one.
+``attempts`` times with exponential backoff, unless the PACS said retrying is useless (association
+"Rejected Permanent"); input the reader refuses is not retried. Either way the series is recorded
+as failed, with its reason, and the run goes on with the next one.
+
+After each delivery the destination is asked how many instances of the synthetic series it holds
+(a PACS may answer success for an instance it then drops): fewer or more than were sent make the
+series failed as incomplete, its partial series withdrawn where the transport allows (a folder)
+and its UID kept in the journal; the next run redoes it, resending the same instances.
 """
 
 from __future__ import annotations
@@ -99,6 +105,14 @@ class Report:
         return csv_path, json_path
 
 
+class IncompleteSeriesError(TransferError):
+    """The destination holds another number of instances of a delivered series than were sent."""
+
+    def __init__(self, message: str, series_uid: str):
+        super().__init__(message)
+        self.series_uid = series_uid
+
+
 class BatchConverter:
     """Convert the series of ``source`` that match ``rules`` into synthetic CT series at ``destination``.
 
@@ -185,7 +199,7 @@ class BatchConverter:
             try:
                 return step(attempt)
             except TransferError as err:
-                if attempt >= self.attempts:
+                if attempt >= self.attempts or not err.retryable:
                     raise
                 wait = self.backoff_s * 2 ** (attempt - 1)
                 attempt += 1
@@ -216,9 +230,11 @@ class BatchConverter:
             known = isinstance(err, (DRDDInputError, TransferError))
             permanent = isinstance(err, DRDDInputError)
             reason = redact(str(err) if known else f"{type(err).__name__}: {err}")
+            partial = err.series_uid if isinstance(err, IncompleteSeriesError) else ""
             result.status, result.reason = "failed", reason
+            result.output_series = redact.uid(partial, "series") if partial else ""
             result.duration_s = round(time.monotonic() - started, 3)
-            journal.fail(ref.series_uid, reason, permanent, result.duration_s)
+            journal.fail(ref.series_uid, reason, permanent, result.duration_s, output_series_uid=partial)
             logger.error("job %s %s: failed (%s): %s", self.job_id, name, "input refused" if permanent else "error",
                          reason)
             return result
@@ -239,7 +255,8 @@ class BatchConverter:
         with quiet_pydicom(), contextlib.suppress(Exception):
             redact.hide_header(pydicom.dcmread(files[0], stop_before_pixels=True))
         info = scan_dicom_series(
-            files, SeriesSelection(series_uid=ref.series_uid), expected_modality=self.translator.source_modality
+            files, SeriesSelection(series_uid=ref.series_uid), expected_modality=self.translator.source_modality,
+            uid_hash=redact.uid,
         )
         volume = read_dicom_series(info)
         synthetic_hu = self.translator.translate(volume, name)
@@ -247,6 +264,20 @@ class BatchConverter:
             synthetic_hu, info, scratch / "synthetic", self.translator.model_name, self.translator.model_version
         )
         with quiet_pydicom():
-            output_uid = str(pydicom.dcmread(written[0], stop_before_pixels=True).SeriesInstanceUID)
-        self._retry(lambda attempt: self.destination.deliver(written, output_uid), "delivery", redact, name)
+            header = pydicom.dcmread(written[0], stop_before_pixels=True)
+        output_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+        self._retry(lambda attempt: self._deliver(written, study_uid, output_uid), "delivery", redact, name)
         return output_uid
+
+    def _deliver(self, files: list[Path], study_uid: str, series_uid: str) -> None:
+        """Deliver a series and check that the destination holds all of it (``IncompleteSeriesError`` if not)."""
+        self.destination.deliver(files, series_uid)
+        stored = self.destination.count(study_uid, series_uid)
+        if stored != len(files):
+            withdrawn = self.destination.withdraw(series_uid)
+            raise IncompleteSeriesError(
+                f"incomplete at the destination: it holds {stored} of the {len(files)} instances sent; "
+                + ("the partial series was withdrawn" if withdrawn else
+                   "the partial series stays there until a rerun completes it (or its administrator withdraws it)"),
+                series_uid,
+            )

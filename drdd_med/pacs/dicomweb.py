@@ -101,7 +101,10 @@ class DicomwebSource(_DicomwebClient):
 
 
 class DicomwebDestination(_DicomwebClient):
-    """STOW-RS of one series per request; every instance must be listed as stored in the response."""
+    """STOW-RS of one series per request; every instance must be listed as stored in the response.
+
+    ``count`` asks QIDO-RS for the series' instances, so the user needs search rights too.
+    """
 
     def deliver(self, files: Sequence[Path], series_uid: str) -> None:
         with quiet_pydicom():
@@ -116,3 +119,13 @@ class DicomwebDestination(_DicomwebClient):
                 f"STOW-RS: {len(stored)} of {len(datasets)} instances stored"
                 + (f", failure reason {', '.join(reasons)}" if reasons else "")
             )
+
+    def count(self, study_uid: str, series_uid: str) -> int:
+        with _http("QIDO-RS (stored instances)"):
+            found = self.client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                                     get_remaining=True)
+        return len(found)
+
+    def withdraw(self, series_uid: str) -> bool:
+        """DICOMweb has no standard delete (see ``drdd_med.pacs.endpoints``): a partial series stays."""
+        return False

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -46,6 +47,9 @@ RECEIVE_TRANSFER_SYNTAXES = [
 ]
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02  # A-ASSOCIATE-RJ results
+REJECTED_BY_SERVICE_USER = 0x01  # result source: the PACS itself (not its ACSE or presentation layer)
+CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07  # the service user's diagnostics
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,20 @@ def _status(response: Dataset, operation: str) -> tuple[int, str]:
 def _failure(operation: str, code: int, response: Dataset) -> TransferError:
     comment = f" ({response.ErrorComment})" if response.get("ErrorComment") else ""
     return TransferError(f"{operation}: status 0x{code:04X}{comment}")
+
+
+def _rejection_of(assoc: Association) -> A_ASSOCIATE | None:
+    """The A-ASSOCIATE-RJ of an association that was not established, None if it was not rejected.
+
+    pynetdicom checks the socket before it reads the reply: when the PACS closes the connection
+    right after rejecting (Orthanc often does), the association looks aborted and the rejection is
+    left unread in the DUL's queue, where it is found here.
+    """
+    if assoc.is_rejected:
+        return assoc.acceptor.primitive
+    unread = list(assoc.dul.to_user_queue.queue)
+    rejected = (REJECTED_PERMANENT, REJECTED_TRANSIENT)
+    return next((p for p in unread if isinstance(p, A_ASSOCIATE) and p.result in rejected), None)
 
 
 class _Inbox:
@@ -138,19 +156,38 @@ class _DimseClient:
     def _association(self, ae: AE, operation: str, **kwargs) -> Iterator[Association]:
         assoc = ae.associate(self.remote.host, self.remote.port, ae_title=self.remote.ae_title, **kwargs)
         if not assoc.is_established:
-            if assoc.is_rejected:
-                why = assoc.acceptor.primitive  # the A-ASSOCIATE-RJ
-                detail = f"{why.result_str}, {why.source_str}: {why.reason_str}" if why else "no reason given"
-                raise TransferError(
-                    f"{operation}: association rejected by {self.remote} ({detail}); "
-                    f"is our AE title {self.calling_aet} registered there?"
-                )
+            rejection = _rejection_of(assoc)
+            if rejection is not None:
+                raise self._rejection(operation, rejection)
             raise TransferError(f"{operation}: no association with {self.remote} (unreachable, or aborted)")
         try:
             yield assoc
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _rejection(self, operation: str, why: A_ASSOCIATE) -> TransferError:
+        """The error for an A-ASSOCIATE-RJ: a hint at the AE title the PACS named; not retried if permanent."""
+        message = (f"{operation}: association rejected by {self.remote} "
+                   f"({why.result_str}, {why.source_str}: {why.reason_str})")
+        if why.result_source == REJECTED_BY_SERVICE_USER and why.diagnostic == CALLED_AE_NOT_RECOGNISED:
+            message += f"; is {self.remote.ae_title} the PACS's own AE title (the called AE title)?"
+        elif why.result_source == REJECTED_BY_SERVICE_USER and why.diagnostic == CALLING_AE_NOT_RECOGNISED:
+            message += f"; is our AE title {self.calling_aet} registered there?"
+        return TransferError(message, retryable=why.result != REJECTED_PERMANENT)
+
+    def _find(self, assoc: Association, query: Dataset) -> list[Dataset]:
+        matches = []
+        for response, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            code, category = _status(response, "C-FIND")
+            if category == "Pending":
+                if identifier is not None:
+                    matches.append(identifier)
+            elif category == "Success":
+                return matches
+            else:
+                raise _failure("C-FIND", code, response)
+        raise TransferError("C-FIND: the response ended without a final status")
 
     def close(self) -> None:
         pass
@@ -195,19 +232,6 @@ class DimseSource(_DimseClient):
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-
-    def _find(self, assoc: Association, query: Dataset) -> list[Dataset]:
-        matches = []
-        for response, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-            code, category = _status(response, "C-FIND")
-            if category == "Pending":
-                if identifier is not None:
-                    matches.append(identifier)
-            elif category == "Success":
-                return matches
-            else:
-                raise _failure("C-FIND", code, response)
-        raise TransferError("C-FIND: the response ended without a final status")
 
     def find(self, rules: SeriesRules) -> list[SeriesRef]:
         ae = self._ae()
@@ -287,7 +311,10 @@ class DimseSource(_DimseClient):
 
 
 class DimseDestination(_DimseClient):
-    """C-STORE each file of a series over one association; any status other than success is a failure."""
+    """C-STORE each file of a series over one association; any status other than success is a failure.
+
+    ``count`` asks the PACS by an image-level C-FIND, so our AE title needs query rights there too.
+    """
 
     def deliver(self, files: Sequence[Path], series_uid: str) -> None:
         metas = [read_file_meta_info(file) for file in files]
@@ -313,3 +340,18 @@ class DimseDestination(_DimseClient):
                     logger.warning("C-STORE to %s: warning status 0x%04X", self.remote, code)
                 elif category != "Success":
                     raise _failure(f"C-STORE of instance {sent + 1} of {len(files)}", code, response)
+
+    def count(self, study_uid: str, series_uid: str) -> int:
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        with self._association(ae, "C-FIND (stored instances)") as assoc:
+            return len(self._find(assoc, query))
+
+    def withdraw(self, series_uid: str) -> bool:
+        """DIMSE has no delete (see ``drdd_med.pacs.endpoints``): a partial series stays for its administrator."""
+        return False

@@ -2,16 +2,26 @@
 
 A *source* finds the series that match ``SeriesRules`` (``find``) and puts one series' files into
 a folder (``fetch``); a *destination* takes the files of one synthetic series (``deliver``). Both
-raise ``TransferError`` for failures worth retrying (network, PACS status) and nothing else of
-their own, and have ``description`` (for logs), ``private`` (strings never to log, e.g. folder
-paths) and ``close()``; a destination also has ``key``, its identity in the job journal.
-``open_source`` / ``open_destination`` build them from a folder path, a ``dimse://AET@host:port``
-address or a DICOMweb ``http(s)://`` URL.
+raise ``TransferError`` for transfer failures (network, PACS status; retried unless the PACS said
+it is permanent) and nothing else of their own, and have ``description`` (for logs), ``private``
+(strings never to log, e.g. folder paths) and ``close()``. A destination also has ``key``, its
+identity in the job journal, ``count`` (instances of a series it holds, to verify a delivery) and
+``withdraw`` (remove a partial series, where the transport has a way to). ``open_source`` /
+``open_destination`` build them from a folder path, a ``dimse://AET@host:port`` address or a
+DICOMweb ``http(s)://`` URL.
+
+Withdrawing a partial series, per transport: a folder series is removed (and is written
+atomically anyway). DIMSE has no delete: the standard way is an IHE IOCM rejection note (a Key
+Object Selection "Rejected for Quality Reasons", 113001) where the PACS supports it, else the PACS
+administrator deletes the series. DICOMweb (PS3.18) has no standard delete either (some archives
+offer their own "reject" endpoint, Orthanc its REST API); both are left to the administrator. The
+journal keeps the partial series' UID and a rerun resends the same instances, completing it.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import shutil
@@ -26,7 +36,20 @@ logger = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
-    """A PACS or network failure: refused association, failure status, dropped connection, HTTP error."""
+    """A PACS or network failure: refused association, failure status, dropped connection, HTTP error.
+
+    ``retryable`` is False when the remote side said that trying again will not help (an
+    association "Rejected Permanent"): the run does not retry it, a later run still does.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def series_part(series_uid: str, num_parts: int) -> int:
+    """The part (0 .. num_parts - 1) a series belongs to: a hash of its UID, the same on every machine."""
+    return int.from_bytes(hashlib.sha256(series_uid.encode()).digest()[:8], "big") % num_parts
 
 
 @dataclass(frozen=True)
@@ -58,7 +81,9 @@ class SeriesRules:
 
     ``modality`` matches exactly, ``description`` is a regular expression searched in
     SeriesDescription (case-insensitive), ``study_uids``/``series_uids`` are lists of allowed
-    UIDs, ``date_from``/``date_to`` bound StudyDate (YYYYMMDD, inclusive).
+    UIDs, ``date_from``/``date_to`` bound StudyDate (YYYYMMDD, inclusive). ``num_parts``/``part_id``
+    keep only the series of one part (``series_part``), so that N runs, each with its own part and
+    journal, convert every series exactly once between them.
     """
 
     modality: str | None = None
@@ -67,8 +92,13 @@ class SeriesRules:
     series_uids: tuple[str, ...] = ()
     date_from: str | None = None
     date_to: str | None = None
+    num_parts: int = 1
+    part_id: int = 0
 
     def __post_init__(self):
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise ValueError(f"part_id must be 0 .. num_parts - 1 with num_parts >= 1, got {self.part_id} of "
+                             f"{self.num_parts}")
         object.__setattr__(self, "date_from", _check_date(self.date_from, "date_from"))
         object.__setattr__(self, "date_to", _check_date(self.date_to, "date_to"))
         object.__setattr__(self, "study_uids", tuple(self.study_uids))
@@ -87,6 +117,8 @@ class SeriesRules:
         if self.study_uids and ref.study_uid not in self.study_uids:
             return False
         if self.series_uids and ref.series_uid not in self.series_uids:
+            return False
+        if self.num_parts > 1 and series_part(ref.series_uid, self.num_parts) != self.part_id:
             return False
         if (self.date_from or self.date_to) and not ref.study_date:
             return False
@@ -138,6 +170,14 @@ class FolderDestination:
         with atomic_output_dir(self.root / series_uid, overwrite=True) as staging:
             for file in files:
                 shutil.copyfile(file, staging / file.name)
+
+    def count(self, study_uid: str, series_uid: str) -> int:
+        folder = self.root / series_uid
+        return sum(1 for file in folder.iterdir() if file.is_file()) if folder.is_dir() else 0
+
+    def withdraw(self, series_uid: str) -> bool:
+        shutil.rmtree(self.root / series_uid, ignore_errors=True)
+        return True
 
     def close(self) -> None:
         pass

@@ -1,9 +1,9 @@
 """The job journal: which source series were converted by which model to which destination.
 
 One SQLite row per (source series, model id, destination). A series is marked ``running`` before
-its work starts and ``done`` only after the destination accepted every instance, each change in
-its own committed transaction, so a run killed at any point (even ``kill -9``) leaves rows that
-say exactly what is finished. A restarted run redoes ``running`` rows; because the synthetic
+its work starts and ``done`` only after the destination accepted every instance and reports holding
+them all, each change in its own committed transaction, so a run killed at any point (even
+``kill -9``) leaves rows that say exactly what is finished. A restarted run redoes ``running`` rows; because the synthetic
 series' UIDs are derived from the source and the model, redoing resends the same objects and the
 destination still holds one series. One run at a time may use a journal (a lock on a file beside
 it, released by the system when the process dies).
@@ -36,6 +36,16 @@ CREATE TABLE IF NOT EXISTS series (
     PRIMARY KEY (source_series_uid, model_id, destination)
 );
 """
+
+
+def part_journal_path(path: str | os.PathLike, num_parts: int, part_id: int) -> Path:
+    """The journal of one part of a split run, ``NAME.partI-of-N.SUFFIX`` beside ``path`` (``path`` if one part).
+
+    Each part runs on its own machine and at its own pace; with a journal of its own, no part waits
+    for another's lock, and a shared folder (NFS) never sees two writers on one SQLite file.
+    """
+    path = Path(path)
+    return path if num_parts == 1 else path.with_name(f"{path.stem}.part{part_id}-of-{num_parts}{path.suffix}")
 
 
 class JournalLockedError(RuntimeError):
@@ -113,9 +123,13 @@ class Journal:
     def finish(self, series_uid: str, output_series_uid: str, duration_s: float) -> None:
         self._set(series_uid, "done", False, "", output_series_uid, duration_s)
 
-    def fail(self, series_uid: str, reason: str, permanent: bool, duration_s: float) -> None:
-        """Record a failure; ``permanent`` ones (refused input) are not retried by later runs by default."""
-        self._set(series_uid, "failed", permanent, reason, "", duration_s)
+    def fail(self, series_uid: str, reason: str, permanent: bool, duration_s: float,
+             output_series_uid: str = "") -> None:
+        """Record a failure; ``permanent`` ones (refused input) are not retried by later runs by default.
+
+        ``output_series_uid`` names a synthetic series the destination holds only partly, to withdraw.
+        """
+        self._set(series_uid, "failed", permanent, reason, output_series_uid, duration_s)
 
     def _set(self, series_uid, status, permanent, reason, output_series_uid, duration_s) -> None:
         self._db.execute(

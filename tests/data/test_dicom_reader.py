@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from drdd_med.data.dicom import DicomSeriesReader, SeriesSelection, read_dicom_series, scan_dicom_series
 from drdd_med.data.dicom_writer import write_derived_ct_series
-from drdd_med.errors import GeometryError, SeriesSelectionError
+from drdd_med.errors import DRDDInputError, GeometryError, SeriesSelectionError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TOTALSEG_DICOM = SHARED_DATA / "real_ct" / "totalsegmentator_example_ct_dicom"
@@ -125,6 +125,45 @@ def test_real_jpeg2000_series_matches_its_simpleitk_nifti_conversion(tmp_path):
     # MONAI's convention: RAS affine, k along +z for this axial head-first-supine scan.
     np.testing.assert_allclose(np.diag(volume.affine.numpy())[:3], [-0.9765625, -0.9765625, 2.0])
     assert volume.meta["space"] == "RAS"
+
+
+def jpeg_lossless_ct(folder: Path, transfer_syntax: str) -> Path:
+    """pydicom's JPEG Lossless SV1 CT slice, its transfer syntax relabelled as asked.
+
+    A first-order (SV1) Process 14 stream is a valid Process 14 stream, so relabelling it as
+    1.2.840.10008.1.2.4.57 makes a genuine file of that transfer syntax (no encoder exists for it).
+    """
+    with warnings.catch_warnings():  # its de-identified UIDs and ids are not valid values
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(pydicom_test_file("bad_sequence.dcm"))  # CT, JPEG Lossless SV1, 12 bits stored
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / "ct.dcm")
+    return folder / "ct.dcm"
+
+
+@pytest.mark.parametrize("transfer_syntax", [pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1])
+def test_jpeg_lossless_ct_matches_simpleitk_decoding(tmp_path, transfer_syntax):
+    path = jpeg_lossless_ct(tmp_path, transfer_syntax)
+    volume = read_dicom_series(path)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0].T  # GDCM's decoder, rescale applied
+
+    assert volume.shape == (512, 512, 1)
+    assert expected.min() < -1000 and expected.max() > 1000  # real CT values, not a blank plane
+    np.testing.assert_array_equal(volume.numpy()[:, :, 0], expected.astype(np.float32))
+
+
+def test_missing_decoder_is_named_with_the_transfer_syntax_and_package(tmp_path, monkeypatch):
+    from pydicom.pixels.decoders.base import get_decoder
+
+    path = jpeg_lossless_ct(tmp_path, pydicom.uid.JPEGLosslessSV1)
+    monkeypatch.setattr(get_decoder(pydicom.uid.JPEGLosslessSV1), "_available", {})  # as if not installed
+
+    with pytest.raises(DRDDInputError) as caught:
+        read_dicom_series(path)
+    message = str(caught.value)
+    for expected in ("ct.dcm", "1.2.840.10008.1.2.4.70", "Process 14 [Selection Value 1]", "python-gdcm"):
+        assert expected in message, message
 
 
 @pytest.mark.parametrize(
@@ -280,6 +319,109 @@ def test_tilted_series_resampling_matches_simpleitk_on_the_sheared_lattice(tmp_p
     covered = ndimage.binary_erosion(np.isfinite(expected), iterations=2)
     assert covered.mean() > 0.5
     np.testing.assert_allclose(volume.numpy()[covered], expected[covered], atol=0.1)  # HU, float32 rounding
+
+
+@pytest.mark.parametrize("marked_by", ["ImageType", "Siemens private NumberOfImagesInMosaic"])
+def test_lone_siemens_mosaic_is_refused(tmp_path, marked_by):
+    files = write_synthetic_series(tmp_path, synthetic_values(count=1), modality="MR")
+    ds = pydicom.dcmread(files[0])
+    if marked_by == "ImageType":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+    else:
+        ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0A, "US", 16)
+    ds.save_as(files[0])
+
+    for resample in (False, True):
+        with pytest.raises(GeometryError, match=r"series 5 'SYNTH AX'.*slice_00\.dcm: a Siemens mosaic") as caught:
+            read_dicom_series(tmp_path, resample=resample)
+        assert "dcm2niix" in str(caught.value)  # says how to unpack it
+
+
+def resampling_reference(files: list[Path], volume: MetaTensor) -> np.ndarray:
+    """Independent resampling of a parallel-slice series onto ``volume``'s grid (NaN where no slice covers).
+
+    scipy's ``RegularGridInterpolator`` samples every slice bilinearly at the orthogonal projection of
+    the grid voxels; along the normal the two enclosing slices are blended linearly, and a grid plane
+    within 1 µm of a slice takes that slice alone.
+    """
+    from scipy.interpolate import RegularGridInterpolator
+
+    headers = [pydicom.dcmread(f) for f in files]
+    affine = volume.affine.numpy().copy()
+    affine[:2] *= -1  # RAS -> LPS, as the positions are
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    row_cosines, column_cosines, normal = (affine[:3, :3] / spacing).T
+    positions = np.array([h.ImagePositionPatient for h in headers], dtype=float)
+    order = np.argsort(positions @ normal)
+    headers, positions = [headers[k] for k in order], positions[order]
+    distances = (positions - affine[:3, 3]) @ normal
+    columns, rows, depth = volume.shape
+    i, j = np.meshgrid(np.arange(columns), np.arange(rows), indexing="ij")
+
+    def sample(k: int, s: int) -> np.ndarray:
+        world = affine[:3, 3] + np.stack([i, j, np.full_like(i, s)], -1) @ affine[:3, :3].T
+        offset = world - positions[k]
+        plane = headers[k].pixel_array * float(headers[k].RescaleSlope) + float(headers[k].RescaleIntercept)
+        row_spacing, column_spacing = map(float, headers[k].PixelSpacing)
+        interpolate = RegularGridInterpolator(
+            (np.arange(plane.shape[0]), np.arange(plane.shape[1])), plane, bounds_error=False, fill_value=np.nan
+        )
+        return interpolate(np.stack([offset @ column_cosines / row_spacing, offset @ row_cosines / column_spacing], -1))
+
+    reference = np.empty(volume.shape)
+    for s in range(depth):
+        target = s * spacing[2]
+        on_slice = np.flatnonzero(np.abs(distances - target) < 1e-3)
+        if on_slice.size:
+            reference[:, :, s] = sample(on_slice[0], s)
+        else:
+            above = int(np.searchsorted(distances, target))
+            weight = (target - distances[above - 1]) / (distances[above] - distances[above - 1])
+            reference[:, :, s] = (1 - weight) * sample(above - 1, s) + weight * sample(above, s)
+    return reference
+
+
+def assert_matches_resampling_reference(volume: MetaTensor, reference: np.ndarray, atol: float) -> None:
+    """Every voxel a slice covers has the reference's value; only uncovered ones get the fill (the minimum)."""
+    covered = np.isfinite(reference)
+    result = volume.numpy()
+    error = np.abs(result[covered] - reference[covered])
+    assert not (error > atol).any(), f"{(error > atol).sum()} covered voxels off by up to {error.max()}"
+    np.testing.assert_array_equal(result[~covered], np.float32(reference[covered].min()))
+
+
+def test_sheared_uneven_stack_keeps_every_slice_edge_when_resampling(tmp_path):
+    # Slices 0.7 mm apart along z (one missing), each shifted one row further in y: a sheared, uneven
+    # stack. The last grid plane lies on the last slice (weight 1) and others within rounding of a
+    # slice; the rows only one slice covers must keep that slice's values. Values are linear in world
+    # position (i + 20 * y + 400 * z / 0.7), so the interpolation is exact wherever a slice covers.
+    heights = [0, 1, 2, 4, 5, 6]  # in units of 0.7 mm
+    i, j = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    values = np.stack([i + 20 * (j + m) + 400 * m for m in heights], -1).astype(np.int16)
+    files = write_synthetic_series(
+        tmp_path, values, spacing=(1.0, 1.0), step=0.7, rescale=(1.0, 0.0),
+        positions=[(0.0, float(m), round(0.7 * m, 6)) for m in heights],
+    )
+    volume = read_dicom_series(tmp_path, resample=True)
+
+    assert volume.shape == (16, 16 + 6, 7)
+    reference = resampling_reference(files, volume)
+    assert np.isfinite(reference[:, :, -1]).sum() == 16 * 16  # the last plane: all of the last slice
+    assert_matches_resampling_reference(volume, reference, atol=1e-3)
+    y = np.arange(22)[None, :, None]  # the grid's rows are world y in mm
+    exact = (np.arange(16)[:, None, None] + 20 * y + 400 * np.arange(7)[None, None, :]).astype(np.float32)
+    covered = np.isfinite(reference)
+    np.testing.assert_allclose(volume.numpy()[covered], exact[np.broadcast_to(covered, exact.shape)], atol=1e-3)
+
+
+@requires_shared_data
+def test_real_tilted_uneven_series_resampling_matches_an_independent_reference_to_the_edge():
+    files = sorted(GE_TILTED.glob("*.dcm"))
+    volume = read_dicom_series(GE_TILTED, resample=True)
+
+    reference = resampling_reference(files, volume)
+    assert 0.4 < np.isfinite(reference).mean() < 1.0  # the grid holds the sheared slices and their edges
+    assert_matches_resampling_reference(volume, reference, atol=1e-3)  # HU; float32 rounding and 1e-6 weights
 
 
 def test_logs_and_warnings_carry_no_paths_or_patient_data(tmp_path, caplog, monkeypatch):

@@ -3,8 +3,10 @@
 The Orthanc fixture installs Debian's ``orthanc`` and ``orthanc-dicomweb`` when they are missing
 (apt-get, as root; the tests skip with the reason otherwise), runs one server per session on free
 loopback ports with authentication on, a temporary storage folder, only registered AE titles
-allowed, and a Lua filter that makes it refuse CT instances of patient ``REFUSE-CT`` (a real
-failure status on store), and stops it by PID.
+allowed (called AE titles checked too), and a Lua filter that makes it refuse CT instances of patient
+``REFUSE-CT`` (a real failure status on store) and silently drop CT instance 3 of patient
+``DROP-ONE`` (a success status for an instance it does not keep; ``Orthanc.drop_instance``
+changes which), and stops it by PID.
 """
 
 from __future__ import annotations
@@ -20,8 +22,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from pacs_helpers import CLIENT_AET, ORTHANC_AET, REFUSED_PATIENT_ID, ROOT, SHAPE, SPACING, free_ports
+from model_fixtures import save_model
+from pacs_helpers import (
+    CLIENT_AET,
+    DROPPED_PATIENT_ID,
+    ORTHANC_AET,
+    REFUSED_PATIENT_ID,
+    ROOT,
+    SHAPE,
+    SPACING,
+    free_ports,
+)
 
 from drdd_med.bundle import BundleTranslator
 from drdd_med.data.demo import generate_head_phantom
@@ -30,9 +41,21 @@ from drdd_med.data.writers import write_volume
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORTHANC_USER = ("drdd-test", "not-a-real-secret")
 LUA_FILTER = f"""
+function DroppedInstance()  -- the InstanceNumber to drop, from a file the tests write
+  local file = io.open(DROP_FILE, 'r')
+  if file == nil then return '' end
+  local number = file:read('*l') or ''
+  file:close()
+  return number
+end
+
 function ReceivedInstanceFilter(dicom, origin, info)
   if dicom.Modality == 'CT' and dicom.PatientID == '{REFUSED_PATIENT_ID}' then
     error('refused by the test PACS')
+  end
+  if dicom.Modality == 'CT' and dicom.PatientID == '{DROPPED_PATIENT_ID}'
+      and dicom.InstanceNumber == DroppedInstance() then
+    return false  -- Orthanc still answers success
   end
   return true
 end
@@ -104,7 +127,8 @@ def _orthanc_binary() -> str:
 class Orthanc:
     """A running test Orthanc: addresses, and REST helpers to upload and clear."""
 
-    def __init__(self, process: subprocess.Popen, http_port: int, dicom_port: int, client_port: int):
+    def __init__(self, process: subprocess.Popen, http_port: int, dicom_port: int, client_port: int,
+                 drop_file: Path):
         import requests
 
         self.process = process
@@ -112,6 +136,7 @@ class Orthanc:
         self.dicomweb = f"{self.http}/dicom-web"
         self.dimse = f"dimse://{ORTHANC_AET}@127.0.0.1:{dicom_port}"
         self.client_port = client_port  # where Orthanc sends C-MOVE sub-operations for CLIENT_AET
+        self.drop_file = drop_file
         self.session = requests.Session()
         self.session.auth = ORTHANC_USER
 
@@ -127,6 +152,10 @@ class Orthanc:
     def count(self, level: str = "series") -> int:
         return len(self.session.get(f"{self.http}/{level}").json())
 
+    def drop_instance(self, number: str) -> None:
+        """Which InstanceNumber of patient DROP-ONE's CT the filter drops ("" for none)."""
+        self.drop_file.write_text(number)
+
 
 @pytest.fixture(scope="session")
 def orthanc_server(tmp_path_factory):
@@ -135,7 +164,7 @@ def orthanc_server(tmp_path_factory):
     binary = _orthanc_binary()
     folder = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port, client_port = free_ports(3)
-    (folder / "filter.lua").write_text(LUA_FILTER)
+    (folder / "filter.lua").write_text(f"DROP_FILE = '{folder / 'drop-instance'}'\n{LUA_FILTER}")
     config = {
         "Name": "drdd-test",
         "StorageDirectory": str(folder / "storage"),
@@ -152,6 +181,7 @@ def orthanc_server(tmp_path_factory):
         "DicomAlwaysAllowMove": False,
         "DicomAlwaysAllowGet": False,
         "DicomCheckModalityHost": True,
+        "DicomCheckCalledAet": True,
         "DicomModalities": {"drdd": {"AET": CLIENT_AET, "Host": "127.0.0.1", "Port": client_port}},
         "Plugins": [str(ORTHANC_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{http_port}", "Ssl": False},
@@ -160,7 +190,7 @@ def orthanc_server(tmp_path_factory):
     (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
     with open(folder / "orthanc.log", "w") as log:
         process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    server = Orthanc(process, http_port, dicom_port, client_port)
+    server = Orthanc(process, http_port, dicom_port, client_port, folder / "drop-instance")
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -186,6 +216,7 @@ def orthanc_server(tmp_path_factory):
 
 @pytest.fixture
 def orthanc(orthanc_server) -> Orthanc:
-    """The session's Orthanc, emptied for this test."""
+    """The session's Orthanc, emptied for this test, its filter dropping instance 3 of patient DROP-ONE."""
     orthanc_server.clear()
+    orthanc_server.drop_instance("3")
     return orthanc_server

@@ -19,6 +19,7 @@ SHAPE, SPACING = (32, 32, 8), (6.0, 6.0, 18.0)  # small: under a second per seri
 PATIENT = {"patient_name": "Zzyzx^Quuxley", "patient_birth_date": "19230405"}  # easy to spot in a log
 ORTHANC_AET, CLIENT_AET = "ORTHANC", "DRDD"  # the test PACS, and our AE title registered there
 REFUSED_PATIENT_ID = "REFUSE-CT"  # the test PACS answers a failure status to CT of this patient
+DROPPED_PATIENT_ID = "DROP-ONE"  # the test PACS answers success to CT instance 3 of this patient, and drops it
 PHI_STRINGS = ("Zzyzx", "Quuxley", "19230405", "ZQ-0")  # name parts, birth date, patient id prefix
 
 

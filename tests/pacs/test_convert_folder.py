@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from pacs_helpers import (
     PATIENT,
     PHI_STRINGS,
+    StubTranslator,
     check_synthetic_series,
     model_args,
     write_demo_study,
@@ -20,6 +22,9 @@ from pacs_helpers import (
 )
 
 from drdd_med.cli import main
+from drdd_med.data.dicom import list_dicom_series
+from drdd_med.pacs.convert import BatchConverter
+from drdd_med.pacs.endpoints import FolderDestination, FolderSource, series_part
 from drdd_med.pacs.demo import volume_to_dicom_series
 
 
@@ -85,6 +90,11 @@ def test_folder_run_converts_good_series_reports_refused_ones_and_logs_no_patien
         assert secret not in log, secret
     for source_files in hospital_folder["good"].values():  # UIDs appear only as keyed hashes
         assert series_uid(source_files[0]) not in log
+    for summary in list_dicom_series(hospital_folder["root"]):  # nor as the reader's unkeyed hash
+        assert hashlib.sha256(summary.series_uid.encode()).hexdigest()[:8] not in log, summary.description
+    for row in rows:  # the reader names a refused series by the keyed hash of its report row
+        if "slice" in row["reason"]:
+            assert f"#{row['series'].removeprefix('series:')})" in row["reason"], row["reason"]
 
 
 def test_rerun_adds_nothing_and_refused_input_is_retried_only_on_request(tmp_path, hospital_folder, tiny_model,
@@ -123,3 +133,64 @@ def test_selection_rules_and_usage_errors(tmp_path, hospital_folder, tiny_model,
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--help"])
     assert exit_info.value.code == 0 and "exactly once" in capsys.readouterr().out
+
+
+class DroppingFolderDestination(FolderDestination):
+    """A destination that silently keeps all but the last instance of the first ``drops`` series it is given."""
+
+    def __init__(self, root, drops: int):
+        super().__init__(root)
+        self.drops = drops
+
+    def deliver(self, files, series_uid: str) -> None:
+        self.drops -= 1
+        super().deliver(files[:-1] if self.drops >= 0 else files, series_uid)
+
+
+def test_series_incomplete_at_the_destination_is_withdrawn_failed_and_redone_once(tmp_path):
+    for seed in (1, 2):
+        write_demo_study(tmp_path / "incoming", seed)
+    out, journal = tmp_path / "synthetic", tmp_path / "j.sqlite"
+
+    def run(drops: int):
+        return BatchConverter(FolderSource(tmp_path / "incoming"), DroppingFolderDestination(out, drops),
+                              StubTranslator(), journal, attempts=1, progress=False).run()
+
+    report = run(drops=1)
+    assert report.counts == {"converted": 1, "skipped": 0, "failed": 1}
+    failed = next(row for row in report.series if row.status == "failed")
+    assert failed.reason == ("incomplete at the destination: it holds 7 of the 8 instances sent; "
+                             "the partial series was withdrawn")
+    assert [len(list(folder.iterdir())) for folder in out.iterdir()] == [8]  # the partial series is gone
+
+    report = run(drops=0)
+    assert report.counts == {"converted": 1, "skipped": 1, "failed": 0}
+    redone = next(row for row in report.series if row.status == "converted")
+    assert redone.series == failed.series and redone.attempts == 2
+    assert sorted(len(list(folder.iterdir())) for folder in out.iterdir()) == [8, 8]
+
+
+def test_parts_convert_every_series_exactly_once_between_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("drdd_med.bundle.BundleTranslator", lambda *args, **kwargs: StubTranslator())
+    root, out, journal = tmp_path / "incoming", tmp_path / "synthetic", tmp_path / "runs" / "j.sqlite"
+    sources = {series_uid(write_demo_study(root, seed)[0][0]) for seed in range(5, 9)}  # two in each part
+    common = [str(root), str(out), "--journal", str(journal), "--num-parts", "2", "--no-progress"]
+
+    converted: dict[int, set[str]] = {}
+    for part in (1, 0):  # any order, as a scheduler starts them
+        before = set(out.iterdir()) if out.exists() else set()
+        code, _ = convert([*common, "--part-id", str(part)], capsys)
+        assert code == 0
+        converted[part] = {referenced_series(folder) for folder in set(out.iterdir()) - before}
+        assert converted[part] == {uid for uid in sources if series_part(uid, 2) == part}
+    assert converted[0] and converted[1] and not converted[0] & converted[1]
+    assert converted[0] | converted[1] == sources
+    assert sorted(p.name for p in journal.parent.glob("*.sqlite")) == ["j.part0-of-2.sqlite", "j.part1-of-2.sqlite"]
+    assert all(len(list(folder.iterdir())) == 8 for folder in out.iterdir())
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, _ = convert([*common, "--part-id", "0"], capsys)  # a part rerun (a requeued job) adds nothing
+    assert code == 0 and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+
+    code, printed = convert([*common, "--part-id", "2"], capsys)
+    assert code == 2 and "part_id must be 0 .. num_parts - 1" in printed

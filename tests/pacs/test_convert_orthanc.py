@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from pacs_helpers import (
     CLIENT_AET,
+    DROPPED_PATIENT_ID,
     PHI_STRINGS,
     REFUSED_PATIENT_ID,
     ROOT,
+    StubTranslator,
     check_synthetic_series,
     free_ports,
     model_args,
@@ -27,9 +29,10 @@ from pacs_helpers import (
 )
 
 from drdd_med.cli import main
+from drdd_med.pacs.convert import BatchConverter
 from drdd_med.pacs.dicomweb import DicomwebSource
 from drdd_med.pacs.dimse import DimseNode, DimseSource
-from drdd_med.pacs.endpoints import SeriesRules
+from drdd_med.pacs.endpoints import FolderSource, SeriesRules, open_destination
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +174,7 @@ def test_rejected_ae_title_and_failure_status_fail_their_series_only(tmp_path, o
     code, report, _ = convert([*common, "--calling-aet", "STRANGER", "--journal", str(tmp_path / "a.sqlite")], capsys)
     assert code == 1 and report["counts"] == {"converted": 0, "skipped": 0, "failed": 2}
     assert all("association rejected" in row["reason"] and "STRANGER" in row["reason"] for row in report["series"])
-    assert caplog.text.count("delivery failed") == 4  # two retries per series, then recorded as failed
+    assert "Rejected Permanent" in report["series"][0]["reason"] and "delivery failed" not in caplog.text  # no retry
     assert orthanc.count("series") == 0
 
     code, report, _ = convert([*common, "--calling-aet", CLIENT_AET, "--journal", str(tmp_path / "b.sqlite")], capsys)
@@ -189,19 +192,23 @@ def test_rejected_ae_title_and_failure_status_fail_their_series_only(tmp_path, o
 
 
 class DroppingStoreSCP:
-    """A storage SCP that aborts the first ``drops`` associations after receiving two instances."""
+    """A storage SCP that aborts the first ``drops`` associations after receiving two instances.
+
+    It answers image-level C-FIND with the instances it stored, as the converter checks them.
+    """
 
     def __init__(self, port: int, drops: int):
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import CTImageStorage
+        from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
         self.drops, self.associations, self.stored = drops, 0, {}
         self._received: dict[int, int] = {}
         self._lock = threading.Lock()
         ae = AE(ae_title="FLAKY")
         ae.add_supported_context(CTImageStorage)
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_C_STORE, self._store)])
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        handlers = [(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)]
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
 
     def _accepted(self, event) -> None:
         with self._lock:
@@ -217,6 +224,16 @@ class DroppingStoreSCP:
             self.stored[event.request.AffectedSOPInstanceUID] = event.dataset.SeriesInstanceUID
         return 0x0000
 
+    def _find(self, event):
+        from pydicom.dataset import Dataset
+
+        with self._lock:
+            matches = [sop for sop, series in self.stored.items() if series == event.identifier.SeriesInstanceUID]
+        for sop in matches:
+            match = Dataset()
+            match.QueryRetrieveLevel, match.SOPInstanceUID = "IMAGE", sop
+            yield 0xFF00, match
+
 
 def test_association_dropped_mid_transfer_is_retried_then_reported(tmp_path, tiny_model, capsys):
     folder = tmp_path / "incoming"
@@ -227,7 +244,7 @@ def test_association_dropped_mid_transfer_is_retried_then_reported(tmp_path, tin
         common = [str(folder), f"dimse://FLAKY@127.0.0.1:{port}", *model_args(tiny_model)]
         code, report, _ = convert([*common, "--journal", str(tmp_path / "a.sqlite")], capsys)
         assert code == 0 and report["counts"]["converted"] == 1
-        assert flaky.associations == 2  # dropped once, then sent whole on the second association
+        assert flaky.associations == 3  # dropped once, then sent whole on the second, then counted by C-FIND
         assert len(flaky.stored) == 8 and len(set(flaky.stored.values())) == 1
 
         flaky.drops = 99
@@ -237,3 +254,66 @@ def test_association_dropped_mid_transfer_is_retried_then_reported(tmp_path, tin
         assert len(flaky.stored) == 8  # the same deterministic instances, never a second series
     finally:
         flaky.server.shutdown()
+
+
+
+def stub_run(folder: Path, destination: str, journal: Path, attempts: int = 1, **options):
+    """A batch run with the stub model (these tests check transfers, not images); returns the report."""
+    converter = BatchConverter(FolderSource(folder), open_destination(destination, **options), StubTranslator(),
+                               journal, attempts=attempts, backoff_s=5.0, progress=False)
+    try:
+        return converter.run()
+    finally:
+        converter.destination.close()
+
+
+def test_permanent_rejection_is_not_retried_and_names_the_rejected_ae_title(tmp_path, orthanc, caplog):
+    write_demo_study(tmp_path / "incoming", seed=1)
+    node = DimseNode.parse(orthanc.dimse)
+    cases = {  # destination, our AE title, the hint expected
+        "called": (f"dimse://NOT-ORTHANC@127.0.0.1:{node.port}", CLIENT_AET,
+                   "is NOT-ORTHANC the PACS's own AE title (the called AE title)?"),
+        "calling": (orthanc.dimse, "STRANGER", "is our AE title STRANGER registered there?"),
+    }
+    for case, (destination, calling_aet, hint) in cases.items():
+        caplog.clear()
+        started = time.monotonic()
+        report = stub_run(tmp_path / "incoming", destination, tmp_path / f"{case}.sqlite", attempts=3,
+                          calling_aet=calling_aet)
+        assert time.monotonic() - started < 5.0, "retried after a permanent rejection (5 s backoff)"
+        (row,) = report.series
+        assert row.status == "failed" and "Rejected Permanent" in row.reason and hint in row.reason, row.reason
+        assert ("called AE title" in row.reason) == (case == "called"), row.reason
+        assert "delivery failed" not in caplog.text
+    assert orthanc.count("series") == 0
+
+    report = stub_run(tmp_path / "incoming", orthanc.dimse, tmp_path / "calling.sqlite", calling_aet=CLIENT_AET)
+    assert report.counts["converted"] == 1  # the AE title fixed, the next run converts it
+
+
+@pytest.mark.parametrize("transport", ["dimse", "dicomweb"])
+def test_instance_dropped_by_the_pacs_marks_the_series_incomplete_and_a_rerun_redoes_it_once(
+    tmp_path, orthanc, transport
+):
+    write_demo_study(tmp_path / "incoming", seed=1, patient_id=DROPPED_PATIENT_ID)  # instance 3 of its CT dropped
+    write_demo_study(tmp_path / "incoming", seed=2)
+    destination = orthanc.dimse if transport == "dimse" else orthanc.dicomweb
+    options = {"calling_aet": CLIENT_AET} if transport == "dimse" else {"auth": orthanc.session.auth}
+    journal = tmp_path / "j.sqlite"
+
+    report = stub_run(tmp_path / "incoming", destination, journal, **options)
+    assert report.counts == {"converted": 1, "skipped": 0, "failed": 1}
+    failed = next(row for row in report.series if row.status == "failed")
+    assert "incomplete at the destination: it holds 7 of the 8 instances sent" in failed.reason, failed.reason
+    assert failed.output_series.startswith("series:")  # the partial series, by the keyed hash of its UID
+    assert orthanc.count("series") == 2 and orthanc.count("instances") == 8 + 7
+    with sqlite3.connect(journal) as db:  # the journal keeps the partial series' UID, to withdraw or redo
+        (partial,) = db.execute("SELECT output_series_uid FROM series WHERE status = 'failed'").fetchone()
+    assert partial and not any(partial in text for text in (failed.reason, failed.output_series))
+
+    orthanc.drop_instance("")  # the PACS keeps everything again
+    report = stub_run(tmp_path / "incoming", destination, journal, **options)
+    assert report.counts == {"converted": 1, "skipped": 1, "failed": 0}
+    redone = next(row for row in report.series if row.status == "converted")
+    assert redone.attempts == 2 and redone.series == failed.series
+    assert orthanc.count("series") == 2 and orthanc.count("instances") == 8 + 8  # completed, nothing twice

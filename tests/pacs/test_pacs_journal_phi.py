@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from drdd_med.pacs.endpoints import SeriesRef, SeriesRules
-from drdd_med.pacs.journal import Journal, JournalLockedError
+from drdd_med.pacs.endpoints import SeriesRef, SeriesRules, series_part
+from drdd_med.pacs.journal import Journal, JournalLockedError, part_journal_path
 from drdd_med.pacs.phi import REDACTED, Redactor
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
@@ -80,6 +80,20 @@ def test_series_rules_match_every_given_rule():
     assert SeriesRules(date_from="20240301").study_date_range == "20240301-"
     with pytest.raises(ValueError, match="YYYYMMDD"):
         SeriesRules(date_from="2024-03-01")
+
+
+def test_parts_are_fixed_by_the_series_uid_alone_and_each_has_its_own_journal(tmp_path):
+    uids = [f"{SERIES[:-1]}{i}" for i in range(8)]
+    # pinned: the same on every machine and in every process (Python's own hash() is salted per process)
+    assert [series_part(uid, 4) for uid in uids] == [2, 0, 2, 0, 2, 0, 0, 3]
+    for part in range(4):
+        rules = SeriesRules(modality="MR", num_parts=4, part_id=part)
+        assert [rules.matches(ref(series_uid=uid)) for uid in uids] == [series_part(uid, 4) == part for uid in uids]
+    assert part_journal_path(tmp_path / "j.sqlite", 4, 3) == tmp_path / "j.part3-of-4.sqlite"
+    assert part_journal_path(tmp_path / "j.sqlite", 1, 0) == tmp_path / "j.sqlite"
+    for parts, part in ((2, 2), (2, -1), (0, 0)):
+        with pytest.raises(ValueError, match="part_id must be"):
+            SeriesRules(num_parts=parts, part_id=part)
 
 
 def test_dimse_addresses_parse_and_refuse_malformed_ones():
