@@ -1,0 +1,199 @@
+"""``drdd-med benchmark``: a tiny run's JSON holds every documented field with positive finite figures,
+FLOPs are counted right, an existing output is never replaced silently, bad options exit 2, and no
+network is timed while it outputs zeros. Speed itself is never asserted (timings are not tests)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from drdd_med import benchmark
+from drdd_med.benchmark import Sizes, build_networks, format_table, forward_flops, run_benchmark
+from drdd_med.cli import main
+from drdd_med.networks import DRDDNetworks
+
+# smallest sizes the tiny preset takes; one thread, so a busy 2-core machine does not stall the run
+TINY = Sizes(image_size=16, patch_size=8, volumes_2d=((16, 16, 3),), volume_3d=(16, 16, 8),
+             warmup=1, repeats=2, volume_repeats=1, matmul_size=64)
+PRECISIONS = ["fp32", "bf16"] if benchmark.bf16_supported(torch.device("cpu")) else ["fp32"]
+
+TOP_FIELDS = {"schema", "date", "quick", "environment", "method", "sizes", "notes", "matmul", "results"}
+ENVIRONMENT_FIELDS = {"device", "device_name", "torch", "cuda", "monai", "drdd_med", "python", "threads",
+                      "cpu_count", "load_average"}
+MATMUL_FIELDS = {"size", "flop_per_s", "bf16_native", "float32_matmul_precision"}
+RESULT_FIELDS = {"preset", "dims", "precision", "compile", "batch_size", "spatial_dims", "context_slices",
+                 "item_shape", "parameters", "output_std", "flops_per_item", "items_per_s",
+                 "flop_per_s", "matmul_fraction", "volumes", "peak_memory_bytes"}
+MEASURES = {"train_both", "train_residual", "train_noise", "sample"}
+VOLUME_2D_FIELDS = {"shape", "seconds", "slice_batch_size", "peak_memory_bytes"}
+VOLUME_3D_FIELDS = {"shape", "seconds", "roi_size", "sw_batch_size", "peak_memory_bytes"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    threads = torch.get_num_threads()
+    result = run_benchmark("cpu", ["tiny"], ["2d", "2.5d", "3d"], PRECISIONS, [False], [2], threads=1, sizes=TINY)
+    assert torch.get_num_threads() == threads, "the run must restore the thread count"
+    return result
+
+
+def _numbers(value):
+    """Every number in a nested report section (booleans are flags, not figures)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_report_holds_every_documented_field(report):
+    assert set(report) == TOP_FIELDS
+    assert set(report["environment"]) == ENVIRONMENT_FIELDS
+    assert set(report["matmul"]) == MATMUL_FIELDS and set(report["matmul"]["flop_per_s"]) == {"fp32", "bf16"}
+    assert report["environment"]["threads"] == 1
+    assert [(r["dims"], r["precision"]) for r in report["results"]] == [
+        (dims, precision) for dims in ("2d", "2.5d", "3d") for precision in PRECISIONS]
+    for result in report["results"]:
+        assert set(result) == RESULT_FIELDS
+        assert set(result["flops_per_item"]) == MEASURES | {"residual_forward", "noise_forward"}
+        for key in ("items_per_s", "flop_per_s", "matmul_fraction"):
+            assert set(result[key]) == MEASURES
+        assert set(result["peak_memory_bytes"]) == {"train", "sample"}
+        volume_fields = VOLUME_3D_FIELDS if result["dims"] == "3d" else VOLUME_2D_FIELDS
+        assert [set(v) for v in result["volumes"]] == [volume_fields]
+    assert json.loads(json.dumps(report, allow_nan=False)) == report  # valid JSON, no NaN
+
+
+def test_every_figure_is_positive_and_finite(report):
+    figures = list(_numbers(report["matmul"])) + list(_numbers(report["results"]))
+    assert len(figures) > 100
+    assert all(math.isfinite(x) and x > 0 for x in figures), [x for x in figures if not (math.isfinite(x) and x > 0)]
+
+
+def test_flops_of_one_convolution_match_the_formula():
+    conv = torch.nn.Conv2d(3, 5, kernel_size=3, padding=1)
+    flops, output = forward_flops(lambda x, t: conv(x), torch.randn(2, 3, 10, 12), torch.zeros(2))
+    assert output.shape == (2, 5, 10, 12)
+    assert flops == 2 * 5 * 3 * 3 * 3 * 10 * 12 * 2  # 2 FLOPs per multiply-add, every output voxel, batch 2
+
+
+@pytest.mark.parametrize("dims", ["2.5d", "3d"])
+def test_flops_per_item_match_a_recount_of_a_batch(report, dims):
+    result = next(r for r in report["results"] if r["dims"] == dims)
+    networks = build_networks("tiny", dims)
+    per_item = {}
+    for role in ("residual", "noise"):
+        net = getattr(networks, role)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            net(torch.randn(2, net.in_channels, *result["item_shape"]), torch.full((2,), 10.0))
+        per_item[role] = counter.get_total_flops() // 2
+    flops = result["flops_per_item"]
+    assert (flops["residual_forward"], flops["noise_forward"]) == (per_item["residual"], per_item["noise"])
+    assert flops["sample"] == 2 * per_item["residual"] + 2 * per_item["noise"]  # the 2 + 2 sampler
+    assert flops["train_both"] == 3 * (per_item["residual"] + per_item["noise"]) == \
+        flops["train_residual"] + flops["train_noise"]
+    for key in MEASURES:
+        assert result["flop_per_s"][key] == pytest.approx(flops[key] * result["items_per_s"][key])
+        rate = report["matmul"]["flop_per_s"][result["precision"]]
+        assert result["matmul_fraction"][key] == pytest.approx(result["flop_per_s"][key] / rate)
+
+
+def test_networks_are_timed_with_non_zero_outputs(report):
+    fresh = DRDDNetworks.from_preset("tiny")
+    x, t = torch.randn(2, 2, 16, 16), torch.full((2,), 500.0)
+    assert not fresh.residual(x, t).any(), "MONAI zero-initialises the output layer (the premise of this test)"
+    rng = torch.random.get_rng_state()
+    networks = build_networks("tiny", "2d")
+    assert torch.equal(torch.random.get_rng_state(), rng), "building must leave the global RNG alone"
+    again = build_networks("tiny", "2d")
+    assert all(torch.equal(a, b) for a, b in zip(networks.parameters(), again.parameters()))
+    assert networks.residual(x, t).abs().mean() > 0.01
+    assert networks.noise(x[:, :1], t).abs().mean() > 0.01
+    for result in report["results"]:
+        assert min(result["output_std"].values()) > 0.01
+
+
+def test_table_has_a_row_per_configuration(report):
+    table = format_table(report)
+    rows = [line for line in table.splitlines() if line.startswith("tiny ")]
+    assert len(rows) == len(report["results"])
+    assert "dense matmul 64²" in table
+
+
+def test_existing_output_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.json"
+    out.write_text("earlier results")
+    monkeypatch.setattr("drdd_med.commands.benchmark.run_benchmark", _must_not_run)
+    assert main(["benchmark", "--quick", "--output", str(out)]) == 2
+    assert out.read_text() == "earlier results"
+    assert "exists already" in capsys.readouterr().err
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the benchmark ran although it should have been refused")
+
+
+def test_output_is_written_whole_and_replaced_only_with_overwrite(tmp_path, monkeypatch, report, capsys):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr("drdd_med.commands.benchmark.run_benchmark", lambda **kwargs: report)
+    assert main(["benchmark", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == report
+    assert "tiny " in capsys.readouterr().out
+    out.write_text("{}")
+    assert main(["benchmark", "--output", str(out)]) == 2 and out.read_text() == "{}"
+    assert main(["benchmark", "--output", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text()) == report
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no partial file left behind
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--dims", "4d"], "dims must be one or more of 2d, 2.5d, 3d"),
+    (["--presets", "huge"], "presets must be one or more of"),
+    (["--precision", "fp16"], "precision must be one or more of fp32, bf16"),
+    (["--threads", "0"], "threads must be a positive integer"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--quick", "--presets", "reference", "--dims", "3d"], "preset reference needs 3d inputs in multiples of 32"),
+])
+def test_bad_options_exit_2_with_a_message(options, message, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "measure_matmul", _must_not_run)  # refused before any measuring
+    assert main(["benchmark", "--device", "cpu", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [["--compile", "maybe"], ["--batch-size", "0"], ["--batch-size", "x"]])
+def test_malformed_option_values_exit_2(options):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", *options])
+    assert exit_info.value.code == 2
+
+
+def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch):
+    monkeypatch.setattr(benchmark, "cpu_bf16_native", lambda: False)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="no native bf16"):
+        benchmark.configurations(cpu, ["tiny"], ["2d"], ["bf16"], [False], None)
+    assert benchmark.configurations(cpu, ["tiny"], ["2d"], ["fp32"], [False], None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_is_a_usage_error(capsys):
+    assert main(["benchmark", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_script_is_the_same_command():
+    script = Path(__file__).parents[1] / "scripts" / "benchmark.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dims", "4d"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "drdd-med benchmark: error: dims must be" in done.stderr
