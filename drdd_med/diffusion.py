@@ -6,8 +6,8 @@ Sections follow the method page (docs: ``drdd_method.md``):
    ``σ_t = sqrt(1 − ᾱ_t)``.
 2. Noise stage (target images only): ``y_t = y + σ_t ε``; the noise network predicts ``ε`` at time
    ``σ_t T``.
-3. Residual stage (pairs) inside the fixed noise level ``σ_{T−1}``: ``x_t = y_N + a_t r`` with
-   ``y_N = y + σ_{T−1} ε`` and ``r = x_in − y``; the residual network sees ``concat(x_t, x_in)`` at
+3. Residual stage (pairs) inside the fixed noise level ``σ_N`` (``σ_{T−1}`` in the method):
+   ``x_t = y_N + a_t r`` with ``y_N = y + σ_N ε`` and ``r = x_in − y``; the residual network sees ``concat(x_t, x_in)`` at
    time ``a_t T`` and predicts ``r``.
 4. Sampler: ``S_r`` deterministic residual steps, then ``S_n`` DDIM-style (variance-exploding)
    noise steps, with ``η`` and a start scale.
@@ -38,10 +38,22 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class DRDDSchedule:
-    """Coefficient tables of DRDD (float64 for exact tests; cast on use)."""
+    """Coefficient tables of DRDD (float64 for exact tests; cast on use).
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    ``fixed_noise_step`` t_N sets the *fixed noise level* ``σ_N = σ_{t_N}`` inside which the residual
+    stage runs: ``T−1`` (σ ≈ 1) by default, as in the method. A lower t_N leaves the noise stage less
+    to invent: the residual stage then ends at ``y + σ_N ε``, the noise stage trains on the levels
+    ``σ_0 … σ_N`` it will meet and samples from t_N. Both oracle properties hold for any t_N (method
+    page, "Knobs worth measuring").
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 fixed_noise_step: int | None = None):
         self.num_train_timesteps = num_train_timesteps
+        self.beta_start, self.beta_end = beta_start, beta_end
+        self.fixed_noise_step = num_train_timesteps - 1 if fixed_noise_step is None else int(fixed_noise_step)
+        if not 0 <= self.fixed_noise_step < num_train_timesteps:
+            raise ValueError(f"fixed_noise_step must be in [0, {num_train_timesteps - 1}], got {fixed_noise_step}")
         self.betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.residual_weight = 1.0 - self.alphas_cumprod.sqrt()  # a_t (the reference's alphas_cumsum)
@@ -49,8 +61,13 @@ class DRDDSchedule:
 
     @property
     def fixed_noise_level(self) -> float:
-        """σ_{T−1}: the noise level inside which the residual stage runs."""
-        return float(self.noise_level[-1])
+        """σ_N = σ_{t_N}: the noise level inside which the residual stage runs (σ_{T−1} by default)."""
+        return float(self.noise_level[self.fixed_noise_step])
+
+    def settings(self) -> dict:
+        """The schedule as plain values: a model trained on one must be sampled with the same."""
+        return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "fixed_noise_step": self.fixed_noise_step}
 
     def a(self, t: torch.Tensor) -> torch.Tensor:
         """Residual weight ``a_t`` for integer ``t`` (any shape); 0 for ``t < 0``."""
@@ -74,9 +91,11 @@ class DRDDSchedule:
         times = [int(t) for t in times.tolist()][::-1]
         return list(zip(times[:-1], times[1:]))
 
-    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training timesteps, uniform over ``{0, …, T−1}``."""
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device, generator=generator)
+    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None,
+                         last: int | None = None) -> torch.Tensor:
+        """Training timesteps, uniform over ``{0, …, last}`` (``last`` = T−1 by default)."""
+        last = self.num_train_timesteps - 1 if last is None else last
+        return torch.randint(0, last + 1, (batch_size,), device=device, generator=generator)
 
 
 def _lookup(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -105,8 +124,8 @@ def noise_p_losses(
     condition: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``E ‖ε_φ(y_t, σ_t T) − ε‖²`` with ``t`` uniform; ``condition`` (source) only for the conditional option."""
-    t = schedule.sample_timesteps(y.shape[0], y.device, generator)
+    """``E ‖ε_φ(y_t, σ_t T) − ε‖²``, ``t`` uniform up to t_N; ``condition`` (source) only for the conditional option."""
+    t = schedule.sample_timesteps(y.shape[0], y.device, generator, last=schedule.fixed_noise_step)
     noise = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
     y_t = noise_q_sample(schedule, y, t, noise)
     net_input = y_t if condition is None else torch.cat([y_t, condition], dim=1)
@@ -119,7 +138,7 @@ def noise_p_losses(
 def residual_q_sample(
     schedule: DRDDSchedule, y: torch.Tensor, residual: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
-    """Forward process of the residual stage: ``x_t = y + σ_{T−1} ε + a_t r``."""
+    """Forward process of the residual stage: ``x_t = y + σ_N ε + a_t r``."""
     return y + schedule.fixed_noise_level * noise + _expand(schedule.a(t), y) * residual
 
 
@@ -189,7 +208,8 @@ class DRDDSampler:
     ``noise_steps`` = 0 leaves the noise phase out: with ``start_scale`` 0 the residual phase
     alone maps ``x_in`` to ``x_in − a_{T−1} r̂``, a deterministic estimate of the clean target, for
     tasks where the noise stage would recreate from σ ≈ 1 contrasts that must be kept (low-dose CT).
-    ``noise_start`` is the timestep the noise phase starts from: ``T−1`` by default (the method);
+    ``noise_start`` is the timestep the noise phase starts from: the schedule's fixed noise step t_N
+    by default (``T−1`` in the method; with a lower t_N, pair it with ``start_scale`` σ_N²);
     a lower ``t`` treats what is left after the residual phase as noise of level ``σ_t`` (pair it
     with ``start_scale`` ``σ_t²`` or 0), for studies of the noise stage at low noise levels.
     """
@@ -209,13 +229,13 @@ class DRDDSampler:
         if self.noise_steps < 0:
             raise ValueError(f"noise_steps must be >= 0, got {self.noise_steps}")
         self.residual_pairs = self.schedule.step_pairs(self.residual_steps)
-        self.noise_pairs = self.schedule.step_pairs(self.noise_steps, self.noise_start) if self.noise_steps else []
+        first = self.schedule.fixed_noise_step if self.noise_start is None else self.noise_start
+        self.noise_pairs = self.schedule.step_pairs(self.noise_steps, first) if self.noise_steps else []
 
     def settings(self) -> dict:
-        """The sampler's settings as plain values (for a model record or a results file)."""
+        """The sampler's settings and schedule as plain values (for a model record or a results file)."""
         return {"residual_steps": self.residual_steps, "noise_steps": self.noise_steps, "eta": self.eta,
-                "start_scale": self.start_scale, "noise_start": self.noise_start,
-                "num_train_timesteps": self.schedule.num_train_timesteps}
+                "start_scale": self.start_scale, "noise_start": self.noise_start, **self.schedule.settings()}
 
     @property
     def num_noise_draws(self) -> int:

@@ -21,6 +21,12 @@ def schedule():
     return DRDDSchedule()
 
 
+# the method's fixed noise level σ_{T−1} ≈ 1, and two lower ones (σ_200 ≈ 0.59, σ_50 ≈ 0.17)
+@pytest.fixture(scope="module", params=[None, 200, 50], ids=["sigma_T-1", "sigma_200", "sigma_50"])
+def any_schedule(request):
+    return DRDDSchedule(fixed_noise_step=request.param)
+
+
 def _images(spatial, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.rand((2, 1, *spatial), generator=g, dtype=torch.float64) * 2 - 1
@@ -62,33 +68,33 @@ def test_step_grid(schedule):
 
 @pytest.mark.parametrize("spatial", [(8, 8), (4, 6, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("steps", STEPS)
-def test_oracle_residual_phase_ends_at_fixed_noise_target(schedule, steps, spatial):
+def test_oracle_residual_phase_ends_at_fixed_noise_target(any_schedule, steps, spatial):
     y, x_in, eps = _images(spatial)
     r = x_in - y
-    sampler = DRDDSampler(schedule, residual_steps=steps, noise_steps=1)
-    start = residual_q_sample(schedule, y, r, torch.full((2,), 999), eps)
+    sampler = DRDDSampler(any_schedule, residual_steps=steps, noise_steps=1)
+    start = residual_q_sample(any_schedule, y, r, torch.full((2,), 999), eps)
     end = sampler.residual_phase(start, lambda x, tau: r)
-    torch.testing.assert_close(end, y + schedule.fixed_noise_level * eps, rtol=0, atol=1e-12)
+    torch.testing.assert_close(end, y + any_schedule.fixed_noise_level * eps, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("spatial", [(8, 8), (4, 6, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("steps", STEPS)
-def test_oracle_noise_phase_ends_at_clean_target(schedule, steps, spatial):
+def test_oracle_noise_phase_ends_at_clean_target(any_schedule, steps, spatial):
     y, _, eps = _images(spatial)
-    sampler = DRDDSampler(schedule, residual_steps=1, noise_steps=steps)
-    y_n = y + schedule.fixed_noise_level * eps
-    end = sampler.noise_phase(y_n, noise_oracle(schedule, y))
+    sampler = DRDDSampler(any_schedule, residual_steps=1, noise_steps=steps)
+    y_n = y + any_schedule.fixed_noise_level * eps
+    end = sampler.noise_phase(y_n, noise_oracle(any_schedule, y))
     torch.testing.assert_close(end, y, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("steps", STEPS)
-def test_oracle_full_sampler_from_forward_point(schedule, steps):
+def test_oracle_full_sampler_from_forward_point(any_schedule, steps):
     """Both phases chained with oracles, started at the forward point, recover ``y`` exactly."""
     y, x_in, eps = _images((6, 6))
     r = x_in - y
-    sampler = DRDDSampler(schedule, residual_steps=steps, noise_steps=steps)
-    x = sampler.residual_phase(residual_q_sample(schedule, y, r, torch.full((2,), 999), eps), lambda x, tau: r)
-    x = sampler.noise_phase(x, noise_oracle(schedule, y))
+    sampler = DRDDSampler(any_schedule, residual_steps=steps, noise_steps=steps)
+    x = sampler.residual_phase(residual_q_sample(any_schedule, y, r, torch.full((2,), 999), eps), lambda x, tau: r)
+    x = sampler.noise_phase(x, noise_oracle(any_schedule, y))
     torch.testing.assert_close(x, y, rtol=0, atol=1e-9)
 
 
@@ -197,3 +203,23 @@ def test_given_noise_replaces_the_generator_draw_for_draw(schedule, eta, draws):
     torch.testing.assert_close(sampler.sample(x_in, *fns, noise=noise), from_generator, rtol=0, atol=0)
     with pytest.raises(ValueError, match="fewer noise tensors"):
         sampler.sample(x_in, *fns, noise=noise[:-1])
+
+
+def test_a_lower_fixed_noise_level_moves_the_residual_stage_and_the_noise_stage_with_it():
+    schedule = DRDDSchedule(fixed_noise_step=200)
+    assert schedule.fixed_noise_level == pytest.approx(float(schedule.noise_level[200]))
+    assert 0.58 < schedule.fixed_noise_level < 0.59
+    y, x_in, eps = _images((4, 4))
+    t = torch.full((2,), 999)
+    torch.testing.assert_close(residual_q_sample(schedule, y, x_in - y, t, eps),
+                               y + schedule.noise_level[200] * eps + schedule.residual_weight[999] * (x_in - y))
+    assert DRDDSampler(schedule).noise_pairs[0] == (200, 99)  # the noise phase starts at t_N
+    # the noise stage trains on the levels it meets: σ_t T with t ≤ t_N only
+    taus = []
+    noise_p_losses(schedule, lambda x, tau: taus.append(tau) or torch.zeros_like(x),
+                   torch.zeros(4096, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    assert taus[0].max() <= schedule.fixed_noise_level * 1000 + 1e-3
+    assert taus[0].max() > 0.95 * schedule.fixed_noise_level * 1000  # and all of them
+    with pytest.raises(ValueError, match="fixed_noise_step"):
+        DRDDSchedule(fixed_noise_step=1000)
+    assert DRDDSampler(schedule).settings()["fixed_noise_step"] == 200

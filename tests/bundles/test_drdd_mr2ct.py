@@ -114,7 +114,8 @@ def test_model_records_how_it_was_built_and_trained(trained):
     assert record["architecture"]["context_slices"] == 1 and record["architecture"]["spatial_dims"] == 2
     assert record["trained_iterations"]["residual"] > 0 and record["trained_iterations"]["noise"] > 0
     assert record["validation_sampler"] == {"residual_steps": 2, "noise_steps": 2, "eta": 0.0, "start_scale": 1.0,
-                                            "noise_start": None, "num_train_timesteps": 1000}
+                                            "noise_start": None, "num_train_timesteps": 1000, "beta_start": 1e-4,
+                                            "beta_end": 0.02, "fixed_noise_step": 999}
     training = record["record"]["training"]
     assert training["profile"] == "cpu" and training["network_preset"] == "tiny" and training["patches_per_volume"] == 2
     assert record["record"]["target_normalisation"]["hu_range"] == [-1024, 3000]
