@@ -1,9 +1,11 @@
-"""Ignite workflows (MONAI engines) for DRDD: the two-stage trainer and the whole-volume evaluator.
+"""Ignite workflows (MONAI engines): the stage trainer and the whole-volume evaluator, for every method.
 
 Training reads two data sources: *pairs* (source, target, mask patches) for the residual stage and
 the *unpaired pool* (target patches only) for the noise stage. Both stages train in one run with
 their own optimizer, or either alone (``stages``). One epoch is one pass over the first configured
-source; the other is cycled.
+source; the other is cycled. The regression baseline (``RegressionNetworks``) is one more stage,
+``"regression"``, on the pairs: same loop, clipping, precision, EMA and checkpoints, so a comparison
+differs in the method only.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.engines import Evaluator, Trainer
 from monai.utils import convert_to_tensor
 
 from drdd_med.diffusion import DRDDSchedule, noise_p_losses, residual_p_losses
 from drdd_med.inferers import DRDDInferer
-from drdd_med.networks import DRDDNetworks
+from drdd_med.networks import RecordedModel
 from drdd_med.transforms import CT_HU_RANGE, NormalizeHU
 
-STAGES = ("residual", "noise")
+STAGES = ("residual", "noise", "regression")
+STAGE_DATA = {"residual": "paired", "noise": "pool", "regression": "paired"}  # which loader trains each stage
 
 
 class StageBatches:
@@ -64,15 +68,19 @@ def autocast_context(device: torch.device, precision: str):
 
 
 class DRDDTrainer(Trainer):
-    """Train the residual stage on pairs and the noise stage on the target pool, one step each per iteration.
+    """Train each configured stage of a model one step per iteration.
+
+    DRDD: the residual stage on pairs and the noise stage on the target pool. Regression baseline:
+    the ``"regression"`` stage, an L1 loss between the U-Net's prediction from ``source[, context]``
+    and the target, on pairs.
 
     Args:
-        network: the ``DRDDNetworks`` model.
-        residual_optimizer / noise_optimizer: optimizers of ``network.residual`` / ``network.noise``
-            (``None`` for a stage not trained in this run).
+        network: the model (``DRDDNetworks`` or ``RegressionNetworks``).
+        residual_optimizer / noise_optimizer / regression_optimizer: optimizers of the network of that
+            stage (``None`` for a stage not trained in this run).
         paired_loader / pool_loader: loaders of patch dictionaries (``source``, ``target``, ``mask``
             / ``target``); the source carries the 2.5D context channels after its image channels.
-        stages: which stages train ("residual", "noise" or both).
+        stages: which of the model's stages train (default all; DRDD: "residual", "noise" or both).
         grad_clip: max gradient norm per network (the reference's 1.0).
         precision: "bf16" (autocast on CUDA; CPU stays fp32) or "fp32".
     """
@@ -81,28 +89,35 @@ class DRDDTrainer(Trainer):
         self,
         device: torch.device | str,
         max_epochs: int,
-        network: DRDDNetworks,
+        network: RecordedModel,
         residual_optimizer: torch.optim.Optimizer | None = None,
         noise_optimizer: torch.optim.Optimizer | None = None,
         paired_loader: Iterable | None = None,
         pool_loader: Iterable | None = None,
-        stages: Sequence[str] = STAGES,
+        stages: Sequence[str] | None = None,
         schedule: DRDDSchedule | None = None,
         grad_clip: float | None = 1.0,
         precision: str = "bf16",
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         non_blocking: bool = False,
+        regression_optimizer: torch.optim.Optimizer | None = None,
     ):
-        stages = tuple(stages)
-        unknown = set(stages) - set(STAGES)
-        if not stages or unknown:
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
-        if "residual" in stages and (paired_loader is None or residual_optimizer is None):
-            raise ValueError("the residual stage needs a paired loader and a residual optimizer")
-        if "noise" in stages and (pool_loader is None or noise_optimizer is None):
-            raise ValueError("the noise stage needs a target-pool loader and a noise optimizer")
-        batches = StageBatches(paired_loader if "residual" in stages else None, pool_loader if "noise" in stages else None)
+        requested = tuple(network.stages if stages is None else stages)
+        unknown = set(requested) - set(network.stages)
+        if not requested or unknown:
+            raise ValueError(f"stages must be a non-empty subset of the {network.method} model's stages "
+                             f"{network.stages}, got {requested}")
+        stages = tuple(s for s in network.stages if s in requested)  # the model's order: same random draws
+        optimizers = {"residual": residual_optimizer, "noise": noise_optimizer, "regression": regression_optimizer}
+        loaders = {"paired": paired_loader, "pool": pool_loader}
+        for stage in stages:
+            data = STAGE_DATA[stage]
+            if loaders[data] is None or optimizers[stage] is None:
+                loader_name = "paired" if data == "paired" else "target-pool"
+                raise ValueError(f"the {stage} stage needs a {loader_name} loader and a {stage} optimizer")
+        used = {STAGE_DATA[stage] for stage in stages}
+        batches = StageBatches(*(loaders[d] if d in used else None for d in ("paired", "pool")))
         autocast_context(device, precision)  # validates the name early
         super().__init__(
             device=device,
@@ -116,6 +131,8 @@ class DRDDTrainer(Trainer):
         self.network = network
         self.residual_optimizer = residual_optimizer
         self.noise_optimizer = noise_optimizer
+        self.regression_optimizer = regression_optimizer
+        self.optimizers = {stage: optimizers[stage] for stage in stages}
         self.stages = stages
         self.schedule = schedule or DRDDSchedule()
         self.grad_clip = grad_clip
@@ -124,8 +141,9 @@ class DRDDTrainer(Trainer):
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return convert_to_tensor(tensor, track_meta=False).to(self.state.device, non_blocking=self.non_blocking)
 
-    def _step(self, stage: str, optimizer: torch.optim.Optimizer, loss_fn) -> float:
+    def _step(self, stage: str, loss_fn) -> float:
         net = getattr(self.network, stage)
+        optimizer = self.optimizers[stage]
         net.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.state.device, self.precision):
@@ -138,31 +156,37 @@ class DRDDTrainer(Trainer):
         return loss.detach()
 
     def _iteration(self, engine, batchdata: dict) -> dict:
-        channels = self.network.image_channels
         output = {}
-        if "residual" in self.stages:
-            paired = batchdata["paired"]
-            source = self._to_device(paired["source"])
-            target = self._to_device(paired["target"])
-            context = source[:, channels:] if source.shape[1] > channels else None
-            output["loss_residual"] = self._step(
-                "residual", self.residual_optimizer,
-                lambda: residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context),
-            )
-        if "noise" in self.stages:
-            pool = batchdata["pool"]
-            target = self._to_device(pool["target"])
-            condition = self._to_device(pool["source"])[:, :channels] if self.network.noise_conditional else None
-            output["loss_noise"] = self._step(
-                "noise", self.noise_optimizer,
-                lambda: noise_p_losses(self.schedule, self.network.noise, target, condition),
-            )
+        for stage in self.stages:
+            batch = batchdata[STAGE_DATA[stage]]
+            loss_fn = getattr(self, f"_{stage}_loss")
+            output[f"loss_{stage}"] = self._step(stage, lambda: loss_fn(batch))
         output["loss"] = sum(output.values())
         return {k: float(v) for k, v in output.items()}
 
+    def _source_target(self, paired: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_device(paired["source"]), self._to_device(paired["target"])
+
+    def _residual_loss(self, paired: dict) -> torch.Tensor:
+        channels = self.network.image_channels
+        source, target = self._source_target(paired)
+        context = source[:, channels:] if source.shape[1] > channels else None
+        return residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context)
+
+    def _noise_loss(self, pool: dict) -> torch.Tensor:
+        target = self._to_device(pool["target"])
+        condition = None
+        if self.network.noise_conditional:
+            condition = self._to_device(pool["source"])[:, :self.network.image_channels]
+        return noise_p_losses(self.schedule, self.network.noise, target, condition)
+
+    def _regression_loss(self, paired: dict) -> torch.Tensor:
+        source, target = self._source_target(paired)  # the source's context channels are U-Net inputs too
+        return F.l1_loss(self.network(source), target)
+
 
 class DRDDEvaluator(Evaluator):
-    """Run the real sampler on whole volumes; output HU volumes for metrics and writers.
+    """Translate whole volumes with the inferer (DRDD's sampler, or one pass of a regression model); output HU.
 
     Each batch holds one case: ``source`` (normalised, a MetaTensor carrying the source grid), and
     optionally ``target`` (reference CT in HU, not normalised) and ``mask``. The output dict has
@@ -174,7 +198,7 @@ class DRDDEvaluator(Evaluator):
         self,
         device: torch.device | str,
         val_data_loader: Iterable,
-        network: DRDDNetworks,
+        network: RecordedModel,
         inferer: DRDDInferer | None = None,
         hu_range: Sequence[float] = CT_HU_RANGE,
         precision: str = "bf16",
@@ -200,10 +224,11 @@ class DRDDEvaluator(Evaluator):
         autocast_context(device, precision)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
-        # the model record keeps the sampler a model was last validated with (the one to use it with)
-        self.network.validation_sampler = self.inferer.sampler.settings()
+        # the model record keeps the sampler a DRDD model was last validated with (the one to use it with)
+        if self.network.method == "drdd":
+            self.network.validation_sampler = self.inferer.sampler.settings()
         if batchdata["source"].shape[0] != 1:
-            raise ValueError("the DRDD evaluator reads one whole volume per batch (batch_size=1)")
+            raise ValueError("the evaluator reads one whole volume per batch (batch_size=1)")
         device = self.state.device
         source = convert_to_tensor(batchdata["source"], track_meta=False).to(device)
         self.network.eval()

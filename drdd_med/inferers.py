@@ -1,4 +1,4 @@
-"""DRDD sampling over whole volumes, as a MONAI ``Inferer``.
+"""Translation of whole volumes, as a MONAI ``Inferer``: DRDD sampling, or one pass of a regression model.
 
 - 2D / 2.5D models: the volume ``(1, C, X, Y, Z)`` is cut into axial slices (last axis), sampled in
   batches of ``slice_batch_size`` and stacked back. 2.5D models get ``k − 1`` neighbouring source
@@ -6,6 +6,10 @@
 - 3D models: one noise volume for the whole image, and a sliding window run *inside every
   denoising step* (each step predicts over the whole volume, blended, before ``x`` is updated), so
   patches share one trajectory and no seams appear.
+
+A regression model (``RegressionNetworks``) goes through the same slicing, padding and 2.5D context
+building, with one network call in place of the sampler (in 3D: MONAI's sliding window once), so
+every bundle runs either method through this one inferer.
 
 Inputs and outputs are normalised to ``[−1, 1]``; mapping to HU is the caller's (see
 ``NormalizeHU.to_hu``). The sampling noise of a whole volume is drawn once per call on the CPU from
@@ -21,18 +25,19 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule, network_fns
-from drdd_med.networks import DRDDNetworks
+from drdd_med.networks import RecordedModel
 
 
 class DRDDInferer(Inferer):
-    """Translate a normalised source volume with a ``DRDDNetworks`` model.
+    """Translate a normalised source volume with a ``DRDDNetworks`` or ``RegressionNetworks`` model.
 
     Args:
         sampler: the DRDD sampler (steps, η, start scale); default ``DRDDSampler(DRDDSchedule())``.
+            A regression model takes no steps and ignores it.
         slice_batch_size: slices per network call for 2D models.
         roi_size: sliding-window patch size for 3D models (``None``: the whole volume at once).
         sw_batch_size, overlap, mode: sliding-window options (MONAI's), for 3D models.
-        seed: seed of the start and η noise; ``None`` draws fresh noise each call.
+        seed: seed of the start and η noise (DRDD); ``None`` draws fresh noise each call.
         progress: show a progress bar over slice batches.
     """
 
@@ -62,22 +67,24 @@ class DRDDInferer(Inferer):
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         return torch.randn((self.sampler.num_noise_draws, *shape), generator=generator)
 
-    def __call__(self, inputs: torch.Tensor, network: DRDDNetworks, *args, **kwargs) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: RecordedModel, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[0] != 1:
             raise ValueError(f"expected one source volume (1, C, X, Y, Z), got shape {tuple(inputs.shape)}")
         inputs = torch.as_tensor(inputs)  # plain tensor: metadata stays with the caller
         if network.spatial_dims == 2:
-            return self._sample_slices(inputs, network)
+            return self._translate_slices(inputs, network)
+        if network.method == "regression":
+            return self._regress_volume(inputs, network)
         return self._sample_volume(inputs, network)
 
     # --- 2D / 2.5D -------------------------------------------------------------------------------
 
-    def _sample_slices(self, volume: torch.Tensor, network: DRDDNetworks) -> torch.Tensor:
+    def _translate_slices(self, volume: torch.Tensor, network: RecordedModel) -> torch.Tensor:
         _, channels, sx, sy, depth = volume.shape
         padded = _pad_to_multiple(volume[0].movedim(-1, 0), network.size_divisor)  # (Z, C, X', Y')
         half = network.context_slices // 2
         offsets = [d for d in range(-half, half + 1) if d != 0]
-        noise = self._noise(padded.shape)
+        translate = self._slice_translator(network, padded.shape)
         batches = range(0, depth, self.slice_batch_size)
         if self.progress:
             from tqdm.auto import tqdm
@@ -90,21 +97,44 @@ class DRDDInferer(Inferer):
             context = None
             if offsets:  # same order as RandPairedPatch: centre slice, then neighbours in spatial order
                 context = torch.cat([padded[(index + d).clamp(0, depth - 1)] for d in offsets], dim=1)
-            residual_fn, noise_fn = network_fns(network.residual, network.noise, source, context,
-                                                network.noise_conditional)
-            draws = [z[index.cpu()].to(volume.device, volume.dtype) for z in noise]
-            out.append(self.sampler.sample(source, residual_fn, noise_fn, noise=draws))
+            out.append(translate(source, context, index))
         slices = torch.cat(out)[..., :sx, :sy]  # (Z, C, X, Y)
         return slices.movedim(0, -1)[None]
 
-    # --- 3D: sliding window inside each step ----------------------------------------------------
+    def _slice_translator(self, network: RecordedModel, shape: Sequence[int]):
+        """``translate(source, context, index)`` for one batch of slices ``index`` of a padded volume of ``shape``.
 
-    def _sample_volume(self, volume: torch.Tensor, network: DRDDNetworks) -> torch.Tensor:
-        spatial = volume.shape[2:]
+        DRDD samples from the volume's noise (drawn once for all slices, so batching changes
+        nothing); a regression model reads ``source`` and its context as the channels it trained on.
+        """
+        if network.method == "regression":
+            def regress(source, context, index):
+                return network(source if context is None else torch.cat([source, context], 1))
+
+            return regress
+        noise = self._noise(shape)
+
+        def sample(source, context, index):
+            residual_fn, noise_fn = network_fns(network.residual, network.noise, source, context,
+                                                network.noise_conditional)
+            draws = [z[index.cpu()].to(source.device, source.dtype) for z in noise]
+            return self.sampler.sample(source, residual_fn, noise_fn, noise=draws)
+
+        return sample
+
+    # --- 3D: a sliding window (for DRDD inside each denoising step) -------------------------------
+
+    def _padded_volume(self, volume: torch.Tensor, network: RecordedModel) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``volume`` padded to the network's multiple, and the window size (a multiple of it too)."""
         padded = _pad_to_multiple(volume, network.size_divisor)
         roi = self.roi_size or tuple(padded.shape[2:])
         if any(r % network.size_divisor for r in roi):
             raise ValueError(f"roi_size {roi} must be a multiple of {network.size_divisor} for this network")
+        return padded, roi
+
+    def _sample_volume(self, volume: torch.Tensor, network: RecordedModel) -> torch.Tensor:
+        spatial = volume.shape[2:]
+        padded, roi = self._padded_volume(volume, network)
 
         def windowed(net, condition):
             def fn(x, tau):
@@ -120,6 +150,13 @@ class DRDDInferer(Inferer):
         noise_fn = windowed(network.noise, padded if network.noise_conditional else None)
         noise = [z.to(volume.device, volume.dtype) for z in self._noise(padded.shape)]
         out = self.sampler.sample(padded, residual_fn, noise_fn, noise=noise)
+        return out[(..., *[slice(0, s) for s in spatial])]
+
+    def _regress_volume(self, volume: torch.Tensor, network: RecordedModel) -> torch.Tensor:
+        """A 3D regression model: one blended sliding window over the volume (no steps, no noise)."""
+        spatial = volume.shape[2:]
+        padded, roi = self._padded_volume(volume, network)
+        out = sliding_window_inference(padded, roi, self.sw_batch_size, network, overlap=self.overlap, mode=self.mode)
         return out[(..., *[slice(0, s) for s in spatial])]
 
 

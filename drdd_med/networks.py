@@ -1,10 +1,16 @@
-"""The two DRDD networks, built from MONAI's ``DiffusionModelUNet`` through one factory.
+"""The models drdd_med trains, each saved with its *model record*, and how they are loaded.
+
+DRDD (``DRDDNetworks``): two networks built from MONAI's ``DiffusionModelUNet`` through one factory.
 
 - residual network ``r_θ``: input ``concat(x_t, source[, context])``, predicts the residual;
 - noise network ``ε_φ``: input ``y_t`` (unconditional, the default, so it can learn from unpaired
   target images) or ``concat(y_t, source)`` (conditional option), predicts the noise.
 
 Both take a float time ``τ`` per item, as the method defines it.
+
+Regression baseline (``RegressionNetworks``): one MONAI ``BasicUNet`` mapping ``source[, context]``
+straight to the target, trained with an L1 loss. It is what DRDD has to beat (SynthRAD winners were
+regression U-Nets), so it trains, saves and translates through the same engines and inferer.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets import BasicUNet, DiffusionModelUNet
 
 from drdd_med.errors import DRDDInputError
 
@@ -128,59 +134,40 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-class DRDDNetworks(torch.nn.Module):
-    """The residual and noise networks of one DRDD model, saved and loaded as one state dict.
+def _with_method(architecture: dict) -> dict:
+    """``architecture`` naming its method; records written before the regression baseline are DRDD's."""
+    return {"method": "drdd", **architecture}
 
-    ``residual`` and ``noise`` are keyword dicts for ``build_drdd_network`` (sizes, attention...).
-    The container has no ``forward``: sampling composes the two through ``drdd_med.inferers``.
 
-    The state dict carries, beside the weights, the *model record* (``_extra_state``, plain types
-    only, so ``torch.load(weights_only=True)`` reads it): how the networks were built
-    (``architecture``), how many iterations each stage was trained (``trained_iterations``, counted
-    by ``DRDDTrainer``), the sampler settings of its last validation (``validation_sampler``, set by
-    ``DRDDEvaluator``), what the training config declares in ``record`` (intensity normalisation,
-    training settings; never patient data or paths) with its digest, and the library versions.
-    ``load_model`` rebuilds a model from that record alone, so inference needs no size flags.
+class RecordedModel(torch.nn.Module):
+    """A model whose state dict carries its *model record* (``_extra_state``), written once for every method.
+
+    Plain types only, so ``torch.load(weights_only=True)`` reads it: how the model was built
+    (``architecture``, with its ``method``), how many iterations each of its ``stages`` was trained
+    (``trained_iterations``, counted by ``DRDDTrainer``), the sampler settings of its last validation
+    (``validation_sampler``, DRDD only), what the training config declares in ``record`` (intensity
+    normalisation, training settings; never patient data or paths) with its digest, and the library
+    versions. ``load_model`` rebuilds a model from that record alone, so inference needs no size flags.
+    Subclasses set ``method`` and ``stages`` and pass what else builds them (``options``) to ``__init__``.
     """
 
-    def __init__(
-        self,
-        spatial_dims: int = 2,
-        image_channels: int = 1,
-        context_slices: int = 1,
-        noise_conditional: bool = False,
-        residual: dict | None = None,
-        noise: dict | None = None,
-        record: dict | None = None,
-    ):
+    method: str
+    stages: tuple[str, ...]
+
+    def __init__(self, spatial_dims: int, image_channels: int, context_slices: int, record: dict | None, **options):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.image_channels = image_channels
         self.context_slices = context_slices
-        self.noise_conditional = noise_conditional
-        self.architecture = _plain({
-            "spatial_dims": spatial_dims, "image_channels": image_channels, "context_slices": context_slices,
-            "noise_conditional": noise_conditional, "residual": residual or {}, "noise": noise or {},
-        })
-        context_channels = image_channels * (context_slices - 1)
-        self.residual = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(residual or {}))
-        self.noise = build_drdd_network("noise", spatial_dims, image_channels, conditional=noise_conditional, **(noise or {}))
-        self.trained_iterations = {stage: 0 for stage in ROLES}
+        self.architecture = _plain({"method": self.method, "spatial_dims": spatial_dims,
+                                    "image_channels": image_channels, "context_slices": context_slices, **options})
+        self.trained_iterations = {stage: 0 for stage in self.stages}
         self.validation_sampler: dict | None = None
         self.record = _plain(record or {})
 
-    @classmethod
-    def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
-                    noise_conditional: bool = False, record: dict | None = None) -> "DRDDNetworks":
-        """Networks sized by a named preset of ``PRESETS``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown network preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(spatial_dims, image_channels, context_slices, noise_conditional, **PRESETS[name], record=record)
-
-    @property
-    def size_divisor(self) -> int:
-        """Spatial sizes must be multiples of this (one halving per level below the first)."""
-        return 2 ** max(len(self.residual.block_out_channels), len(self.noise.block_out_channels)) // 2
+    def stages_run_by(self, sampler) -> list[str]:
+        """The stages whose networks translating with ``sampler`` runs (each must have been trained)."""
+        return list(self.stages)
 
     def get_extra_state(self) -> dict:
         import monai
@@ -200,20 +187,126 @@ class DRDDNetworks(torch.nn.Module):
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != MODEL_RECORD_FORMAT:
             raise DRDDInputError("the checkpoint's model record is not one this drdd_med version reads")
-        if state["architecture"] != self.architecture:
+        if _with_method(state["architecture"]) != self.architecture:
             raise DRDDInputError(
                 f"the checkpoint's networks were built as {_describe(state['architecture'])}, "
                 f"these as {_describe(self.architecture)}"
             )
-        self.trained_iterations = {stage: int(state["trained_iterations"].get(stage, 0)) for stage in ROLES}
+        self.trained_iterations = {stage: int(state["trained_iterations"].get(stage, 0)) for stage in self.stages}
         self.validation_sampler = state.get("validation_sampler")
         self.record = state.get("record") or {}
 
 
+class DRDDNetworks(RecordedModel):
+    """The residual and noise networks of one DRDD model, saved and loaded as one state dict.
+
+    ``residual`` and ``noise`` are keyword dicts for ``build_drdd_network`` (sizes, attention...).
+    The container has no ``forward``: sampling composes the two through ``drdd_med.inferers``.
+    The state dict carries the model record (``RecordedModel``), method ``"drdd"``.
+    """
+
+    method = "drdd"
+    stages = ROLES
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        image_channels: int = 1,
+        context_slices: int = 1,
+        noise_conditional: bool = False,
+        residual: dict | None = None,
+        noise: dict | None = None,
+        record: dict | None = None,
+    ):
+        super().__init__(spatial_dims, image_channels, context_slices, record,
+                         noise_conditional=noise_conditional, residual=residual or {}, noise=noise or {})
+        self.noise_conditional = noise_conditional
+        context_channels = image_channels * (context_slices - 1)
+        self.residual = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(residual or {}))
+        self.noise = build_drdd_network("noise", spatial_dims, image_channels, conditional=noise_conditional, **(noise or {}))
+
+    @classmethod
+    def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
+                    noise_conditional: bool = False, record: dict | None = None) -> "DRDDNetworks":
+        """Networks sized by a named preset of ``PRESETS``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown network preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(spatial_dims, image_channels, context_slices, noise_conditional, **PRESETS[name], record=record)
+
+    @property
+    def size_divisor(self) -> int:
+        """Spatial sizes must be multiples of this (one halving per level below the first)."""
+        return 2 ** max(len(self.residual.block_out_channels), len(self.noise.block_out_channels)) // 2
+
+    def stages_run_by(self, sampler) -> list[str]:
+        """The residual stage always; the noise stage when the sampler takes noise steps."""
+        return ["residual"] + (["noise"] if sampler.noise_steps else [])
+
+
+# Regression U-Net sizes by the names of ``PRESETS``: ``cpu-demo`` (2.8 M parameters, 0.87 GFLOP per
+# 64² slice) and ``gpu`` (70 M) match the DRDD residual network of the same preset (2.7 M, 1.0 GFLOP;
+# 63 M), so an equal-time comparison is between networks of one size. ``features`` are BasicUNet's.
+REGRESSION_PRESETS: dict[str, dict] = {
+    "tiny": {"features": (4, 4, 8, 16, 32, 4)},
+    "cpu-demo": {"features": (38, 38, 76, 152, 304, 38)},
+    "gpu": {"features": (96, 192, 384, 768, 1536, 96)},
+}
+
+
+class RegressionNetworks(RecordedModel):
+    """The regression baseline: one MONAI ``BasicUNet`` from ``source[, context]`` to the target.
+
+    Input channels are ``image_channels × context_slices`` (the centre slice, then its 2.5D
+    neighbours, as ``RandPairedPatch`` stacks them); output channels are ``image_channels``. It trains
+    as the single stage ``"regression"`` (L1 loss, ``DRDDTrainer``) and translates in one forward pass
+    (``DRDDInferer``). ``network`` holds ``BasicUNet`` keyword arguments (``features``, ``norm``...).
+    The state dict carries the model record (``RecordedModel``), method ``"regression"``.
+    """
+
+    method = "regression"
+    stages = ("regression",)
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        image_channels: int = 1,
+        context_slices: int = 1,
+        network: dict | None = None,
+        record: dict | None = None,
+    ):
+        super().__init__(spatial_dims, image_channels, context_slices, record, network=network or {})
+        self.regression = BasicUNet(spatial_dims, image_channels * context_slices, image_channels, **(network or {}))
+
+    @classmethod
+    def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
+                    record: dict | None = None) -> "RegressionNetworks":
+        """A U-Net sized by a named preset of ``REGRESSION_PRESETS`` (the same names as ``PRESETS``)."""
+        if name not in REGRESSION_PRESETS:
+            raise ValueError(f"unknown regression network preset {name!r}; choose one of {sorted(REGRESSION_PRESETS)}")
+        return cls(spatial_dims, image_channels, context_slices, dict(REGRESSION_PRESETS[name]), record=record)
+
+    @property
+    def size_divisor(self) -> int:
+        """BasicUNet halves the image four times; padding to a multiple of 16 keeps its levels aligned."""
+        return 16
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The translated image from ``source[, context]`` channels."""
+        return self.regression(inputs)
+
+
+MODEL_CLASSES: dict[str, type[RecordedModel]] = {"drdd": DRDDNetworks, "regression": RegressionNetworks}
+
+
 def _describe(architecture: dict) -> str:
-    sizes = "/".join(str(c) for c in architecture["residual"].get("channels", []))
-    return (f"{architecture['spatial_dims']}D, {architecture['context_slices']} context slice(s), "
-            f"{architecture['image_channels']} image channel(s), residual channels {sizes or 'default'}")
+    architecture = _with_method(architecture)
+    if architecture["method"] == "drdd":
+        name, values = "residual channels", architecture["residual"].get("channels", [])
+    else:
+        name, values = "features", architecture.get("network", {}).get("features", [])
+    sizes = f"{name} {'/'.join(str(v) for v in values) or 'default'}"
+    return (f"{architecture['method']} model, {architecture['spatial_dims']}D, {architecture['context_slices']} "
+            f"context slice(s), {architecture['image_channels']} image channel(s), {sizes}")
 
 
 def seeded_initialisation(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -288,13 +381,14 @@ def load_weights(network: torch.nn.Module, path, key: str | None = None, map_loc
     return network
 
 
-def load_model(path, map_location="cpu", key: str | None = None, sampler=None, **expected) -> DRDDNetworks:
-    """The DRDD model saved in ``path``, built from its own model record (no size flags needed).
+def load_model(path, map_location="cpu", key: str | None = None, sampler=None, **expected) -> RecordedModel:
+    """The model saved in ``path`` (DRDD or regression), built from its own model record (no size flags needed).
 
     ``sampler`` (a ``DRDDSampler``) is checked against the stages the model was trained for: a
     sampler that runs a stage never trained is refused, since that network would return its
-    initialisation (for the noise stage: an output still carrying σ ≈ 1 of noise). ``expected``
-    holds config values that must agree with the record (``spatial_dims=2``, ``context_slices=3``,
+    initialisation (for the noise stage: an output still carrying σ ≈ 1 of noise). A regression
+    model takes no sampler steps, so only its one stage is checked. ``expected`` holds config values
+    that must agree with the record (``spatial_dims=2``, ``context_slices=3``,
     ``noise_conditional=False``...; ``None`` means "whatever the model has").
     """
     name = Path(path).name
@@ -305,22 +399,25 @@ def load_model(path, map_location="cpu", key: str | None = None, sampler=None, *
             f"{name}: no drdd_med model record in this checkpoint (saved by drdd_med before 0.2, or not by "
             "drdd_med): retrain it with this version, which records how the model was built and trained"
         )
-    architecture = record["architecture"]
+    architecture = _with_method(record["architecture"])
     conflicts = [f"{k} is {architecture.get(k)!r} in the model but {v!r} in the config"
                  for k, v in expected.items() if v is not None and architecture.get(k) != v]
     if conflicts:
         raise DRDDInputError(f"{name}: the config does not match the model: {'; '.join(conflicts)}")
-    model = DRDDNetworks(**architecture)
+    method = architecture.pop("method")
+    if method not in MODEL_CLASSES:
+        raise DRDDInputError(f"{name}: a {method!r} model, which this drdd_med version does not know "
+                             f"(it reads {sorted(MODEL_CLASSES)})")
+    model = MODEL_CLASSES[method](**architecture)
     load_weights(model, path, key, map_location)
     if sampler is not None:
         check_sampler(model, sampler, name)
     return model
 
 
-def check_sampler(model: DRDDNetworks, sampler, name: str = "model") -> None:
-    """Refuse a sampler that runs a stage ``model`` was never trained for."""
-    needed = ["residual"] + (["noise"] if sampler.noise_steps else [])
-    untrained = [stage for stage in needed if not model.trained_iterations[stage]]
+def check_sampler(model: RecordedModel, sampler, name: str = "model") -> None:
+    """Refuse to translate with ``sampler`` when it runs a stage ``model`` was never trained for."""
+    untrained = [stage for stage in model.stages_run_by(sampler) if not model.trained_iterations[stage]]
     if untrained:
         trained = ", ".join(f"{s} {n} iterations" for s, n in model.trained_iterations.items() if n) or "none"
         hint = " (set the sampler's noise_steps to 0)" if untrained == ["noise"] else ""

@@ -1,9 +1,10 @@
-"""DRDDTrainer / DRDDEvaluator: both stages or either, EMA, resume at the same iteration."""
+"""DRDDTrainer / DRDDEvaluator: both stages or either, the regression stage, EMA, resume at the same iteration."""
 
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
@@ -11,7 +12,7 @@ from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, ensure_ne
 from drdd_med.errors import OutputExistsError
 from drdd_med.handlers import EMAHandler, MaskedMAEHandler
 from drdd_med.inferers import DRDDInferer
-from drdd_med.networks import DRDDNetworks
+from drdd_med.networks import DRDDNetworks, RegressionNetworks
 
 
 def _paired(n=3):
@@ -131,3 +132,61 @@ def test_ensure_new_run_protects_a_trained_model(tmp_path):
     assert (tmp_path / "model.pt").exists()
     ensure_new_run(tmp_path, overwrite=True)
     assert not (tmp_path / "model.pt").exists()
+
+
+# --- the regression baseline through the same trainer and evaluator -------------------------------
+
+
+def _paired_with_context(n=3):
+    """2.5D pairs: the source carries the centre slice, then its two neighbours (as RandPairedPatch stacks them)."""
+    g = torch.Generator().manual_seed(1)
+    return [{"source": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+             "target": torch.rand(2, 1, 32, 32, generator=g) * 2 - 1} for _ in range(n)]
+
+
+def test_trainer_trains_the_regression_u_net_with_l1_on_source_and_context():
+    torch.manual_seed(0)
+    model = RegressionNetworks.from_preset("tiny", context_slices=3)
+    ema = copy.deepcopy(model)
+    initial = copy.deepcopy(model)
+    paired = _paired_with_context()
+    trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["regression"],
+                          regression_optimizer=torch.optim.Adam(model.parameters(), 1e-3),
+                          train_handlers=[EMAHandler(model, ema, decay=0.5, every=1)])
+    first = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: first.append(e.state.output))
+    trainer.run()
+    # the loss of the first step is the L1 distance of the initial U-Net's prediction from all source channels
+    expected = F.l1_loss(initial(paired[0]["source"]), paired[0]["target"])
+    assert first[0]["loss_regression"] == pytest.approx(float(expected), rel=1e-5)
+    assert set(trainer.state.output) == {"loss", "loss_regression"}
+    assert any(not torch.equal(initial.state_dict()[k], v) for k, v in model.state_dict().items() if torch.is_tensor(v))
+    assert model.trained_iterations == ema.trained_iterations == {"regression": 6}  # counted; the EMA's record follows
+
+
+def test_trainer_refuses_stages_the_model_does_not_have():
+    model = RegressionNetworks.from_preset("tiny")
+    optimizer = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"subset of the regression model's stages \('regression',\)"):
+        DRDDTrainer("cpu", 1, model, optimizer, paired_loader=_paired(), stages=["residual"])
+    with pytest.raises(ValueError, match="the regression stage needs a paired loader and a regression optimizer"):
+        DRDDTrainer("cpu", 1, model, paired_loader=_paired())
+    with pytest.raises(ValueError, match="the regression stage needs a paired loader"):
+        DRDDTrainer("cpu", 1, model, pool_loader=_pool(), regression_optimizer=optimizer)
+    drdd = DRDDNetworks.from_preset("tiny")
+    with pytest.raises(ValueError, match="the drdd model's stages"):
+        DRDDTrainer("cpu", 1, drdd, torch.optim.Adam(drdd.parameters()), paired_loader=_paired(), stages=["regression"])
+
+
+def test_evaluator_translates_with_a_regression_model_and_records_no_sampler():
+    model = RegressionNetworks.from_preset("tiny").eval()
+    source = torch.rand(1, 1, 32, 32, 3) * 2 - 1
+    evaluator = DRDDEvaluator("cpu", [{"source": source, "case_id": ["c1"]}], model, DRDDInferer(slice_batch_size=2))
+    evaluator.run()
+    pred = evaluator.state.output["pred"]
+    with torch.no_grad():
+        expected = model(source[0].movedim(-1, 0)).movedim(0, -1)[None]
+    # in HU (about 2000 HU per normalised unit): equal up to float rounding of batched convolutions
+    expected_hu = evaluator.to_hu.to_hu(expected).clamp(*evaluator.to_hu.hu_range)
+    torch.testing.assert_close(pred, expected_hu, rtol=0, atol=0.01)
+    assert model.validation_sampler is None  # a sampler never ran: the record must not claim one

@@ -1,4 +1,5 @@
-"""DRDDInferer: whole volumes slice by slice (2D, 2.5D) and with a sliding window inside each step (3D).
+"""DRDDInferer: whole volumes slice by slice (2D, 2.5D) and with a sliding window inside each step (3D);
+regression models through the same slicing, padding and context, in one pass.
 
 Networks here have real outputs (``real_networks``) or are spies that record what the sampler feeds
 them; MONAI's untrained networks return 0 and would let a zeroed prediction or a wrong time pass.
@@ -6,10 +7,11 @@ them; MONAI's untrained networks return 0 and would let a zeroed prediction or a
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule
 from drdd_med.inferers import DRDDInferer
-from drdd_med.networks import DRDDNetworks
+from drdd_med.networks import DRDDNetworks, RegressionNetworks
 from drdd_med.transforms import RandPairedPatch
 
 SCHEDULE = DRDDSchedule()
@@ -26,7 +28,7 @@ class SpyNetworks(torch.nn.Module):
     def __init__(self, spatial_dims=2, context_slices=1, image_channels=1):
         super().__init__()
         self.spatial_dims, self.context_slices, self.image_channels = spatial_dims, context_slices, image_channels
-        self.noise_conditional, self.size_divisor = False, 1
+        self.method, self.noise_conditional, self.size_divisor = "drdd", False, 1
         self.calls = {"residual": [], "noise": []}
 
         def residual(inp, tau):
@@ -171,3 +173,62 @@ def test_bf16_sampling_matches_fp32_within_bf16_rounding(device, real_networks, 
 def test_inferer_refuses_batches():
     with pytest.raises(ValueError, match="one source volume"):
         DRDDInferer()(torch.zeros(2, 1, 4, 4, 4), DRDDNetworks.from_preset("tiny"))
+
+
+# --- regression models: same slicing, padding and context; one pass, no noise --------------------
+
+
+class SpyRegression(torch.nn.Module):
+    """Stand-in regression model that records its inputs and predicts a channel-weighted sum of them."""
+
+    method, spatial_dims, image_channels, size_divisor = "regression", 2, 1, 1
+
+    def __init__(self, context_slices=1):
+        super().__init__()
+        self.context_slices = context_slices
+        self.calls = []
+
+    def forward(self, inputs):
+        self.calls.append(inputs.clone())
+        weights = torch.linspace(1.0, 0.1, inputs.shape[1]).reshape(1, -1, 1, 1)
+        return (weights * inputs).sum(1, keepdim=True)
+
+
+def test_regression_2d_sees_each_slice_once_with_the_training_patches_context():
+    depth = 5
+    volume = torch.arange(depth, dtype=torch.float32).reshape(1, 1, 1, 1, depth).expand(1, 1, 4, 4, depth).clone()
+    net = SpyRegression(context_slices=3)
+    out = DRDDInferer(slice_batch_size=2)(volume, net)
+    inputs = torch.cat(net.calls)  # (Z, 3, 4, 4): one call per batch of slices, no sampler steps
+    assert inputs.shape == (depth, 3, 4, 4)
+    patches = RandPairedPatch((4, 4), spatial_dims=2, context_slices=3)
+    for z in range(depth):
+        assert inputs[z, :, 2, 2].tolist() == patches.crop(volume[0], (2, 2, z), with_context=True)[:, 2, 2].tolist(), z
+    torch.testing.assert_close(out[0, 0, 2, 2], inputs[:, :, 2, 2] @ torch.linspace(1.0, 0.1, 3))
+
+
+def test_regression_2d_pads_to_the_network_multiple_and_ignores_seed_and_batching():
+    net = RegressionNetworks.from_preset("tiny").eval()
+    volume = torch.rand(1, 1, 19, 24, 5) * 2 - 1
+    with torch.no_grad():
+        out = DRDDInferer(slice_batch_size=2, seed=1)(volume, net)
+        again = DRDDInferer(slice_batch_size=5, seed=2)(volume, net)
+        slices = F.pad(volume[0].movedim(-1, 0), (0, 8, 0, 13), mode="replicate")  # 19 x 24 -> 32 x 32
+        expected = net(slices)[..., :19, :24].movedim(0, -1)[None]
+    assert out.shape == volume.shape and (out - volume).abs().mean() > 0.05  # the network changes the image
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, out, rtol=0, atol=1e-5)  # no noise: nothing to seed
+
+
+def test_regression_3d_uses_one_sliding_window_pass():
+    net = RegressionNetworks.from_preset("tiny", spatial_dims=3).eval()
+    volume = torch.rand(1, 1, 40, 36, 20) * 2 - 1
+    with torch.no_grad():
+        whole = DRDDInferer(roi_size=None)(volume, net)
+        expected = net(F.pad(volume, (0, 12, 0, 12, 0, 8), mode="replicate"))[..., :40, :36, :20]
+        windowed = DRDDInferer(roi_size=(32, 32, 32), overlap=0.25)(volume, net)
+    torch.testing.assert_close(whole, expected, rtol=0, atol=1e-5)
+    assert windowed.shape == volume.shape and torch.isfinite(windowed).all()
+    assert (windowed - whole).abs().mean() < (whole - volume).abs().mean()  # windows approximate the whole pass
+    with pytest.raises(ValueError, match="multiple of 16"):
+        DRDDInferer(roi_size=(24, 24, 24))(volume, net)

@@ -7,7 +7,9 @@ from drdd_med.errors import DRDDInputError
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule
 from drdd_med.networks import (
     PRESETS,
+    REGRESSION_PRESETS,
     DRDDNetworks,
+    RegressionNetworks,
     build_drdd_network,
     load_model,
     load_weights,
@@ -149,3 +151,75 @@ def test_reinitialised_networks_have_real_outputs_that_depend_on_time():
     assert early.abs().mean() > 0.01 and (early - late).abs().mean() > 1e-3
     again = seeded_initialisation(DRDDNetworks.from_preset("tiny").eval(), seed=3)
     torch.testing.assert_close(again.residual(x, torch.tensor([5.0, 5.0])), early)  # seeded
+
+
+# --- the regression baseline: same record, rebuilt by the same load_model ------------------------
+
+
+def _parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_regression_u_net_reads_source_and_context_and_outputs_image_channels():
+    model = RegressionNetworks.from_preset("tiny", context_slices=3, image_channels=2)
+    assert model(torch.randn(1, 6, 32, 32)).shape == (1, 2, 32, 32)  # 2 channels x 3 slices in
+    volume_model = RegressionNetworks.from_preset("tiny", spatial_dims=3)
+    assert volume_model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+    # an equal-time comparison is between networks of one size: within 10 % of DRDD's residual network
+    for preset in ("cpu-demo", "gpu"):
+        regression, drdd = RegressionNetworks.from_preset(preset), DRDDNetworks.from_preset(preset)
+        ratio = _parameters(regression) / _parameters(drdd.residual)
+        assert 0.9 < ratio < 1.15, (preset, ratio)
+    assert set(REGRESSION_PRESETS) <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown regression network preset 'huge'"):
+        RegressionNetworks.from_preset("huge")
+
+
+def _trained_regression(iterations=5, **kwargs):
+    model = RegressionNetworks.from_preset("tiny", record={"training": {"stages": ["regression"]}}, **kwargs)
+    model.trained_iterations["regression"] = iterations
+    return model
+
+
+def test_regression_checkpoint_carries_the_same_record_and_load_model_rebuilds_it(tmp_path):
+    model = _trained_regression(context_slices=3)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["_extra_state"]
+    assert saved["architecture"] == {
+        "method": "regression", "spatial_dims": 2, "image_channels": 1, "context_slices": 3,
+        "network": {"features": list(REGRESSION_PRESETS["tiny"]["features"])},
+    }
+    assert saved["trained_iterations"] == {"regression": 5} and saved["validation_sampler"] is None
+    assert saved["record"] == {"training": {"stages": ["regression"]}}
+    assert set(saved["versions"]) == {"drdd_med", "monai", "torch"} and len(saved["config_digest"]) == 64
+
+    # the DRDD sampler's stages do not apply: a sampler with noise steps translates a regression model
+    loaded = load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule(), noise_steps=2), context_slices=3)
+    assert isinstance(loaded, RegressionNetworks) and loaded.trained_iterations == {"regression": 5}
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_an_untrained_regression_model_is_refused_for_translation(tmp_path):
+    torch.save(_trained_regression(iterations=0).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(DRDDInputError, match="model.pt: the sampler runs the regression stage, which this model never"):
+        load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule()))
+
+
+def test_drdd_record_names_its_method_and_records_saved_before_methods_still_load(tmp_path):
+    model = _trained_model()
+    state = model.state_dict()
+    assert state["_extra_state"]["architecture"]["method"] == "drdd"
+    del state["_extra_state"]["architecture"]["method"]  # as drdd_med saved it before the regression baseline
+    torch.save(state, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    assert isinstance(loaded, DRDDNetworks) and loaded.trained_iterations == {"residual": 7, "noise": 0}
+
+
+def test_a_checkpoint_of_the_other_method_is_refused_clearly(tmp_path):
+    torch.save(_trained_regression().state_dict(), tmp_path / "regression.pt")
+    with pytest.raises(DRDDInputError, match=r"regression\.pt: checkpoint does not match the configured networks"):
+        load_weights(DRDDNetworks.from_preset("tiny"), tmp_path / "regression.pt")
+    record = _trained_regression().get_extra_state()
+    with pytest.raises(DRDDInputError, match="built as regression model, 2D.*features 4/4/8/16/32/4, these as drdd"):
+        DRDDNetworks.from_preset("tiny").set_extra_state(record)

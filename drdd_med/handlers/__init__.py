@@ -1,5 +1,6 @@
 """Ignite event handlers for drdd_med workflows."""
 
+from drdd_med.handlers.budget import TrainingBudget
 from drdd_med.handlers.ema import EMAHandler
 from drdd_med.handlers.metrics import (
     MaskedMAEHandler,
@@ -17,6 +18,7 @@ from drdd_med.handlers.writer import SyntheticCTWriter
 __all__ = [
     "EMAHandler",
     "SyntheticCTWriter",
+    "TrainingBudget",
     "MaskedMAEHandler",
     "MaskedMSSSIMHandler",
     "MaskedMetricHandler",

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 
 from drdd_med.data.demo import write_demo_dataset
 from drdd_med.errors import DRDDInputError, GridMismatchError, NonFiniteError
-from drdd_med.networks import PRESETS
+from drdd_med.networks import PRESETS, REGRESSION_PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "drdd_mr2ct"
@@ -128,6 +128,46 @@ def test_inference_refuses_a_config_that_contradicts_the_model(trained):
                      "--output_dir", str(root / "other"), *HELD_OUT, expect_ok=False)
     assert "model.pt: the config does not match the model: context_slices is 1 in the model but 3 in the config" in log
     assert not (root / "other").exists()
+
+
+# --- the regression U-Net baseline: the same bundle with configs/regression_unet.json layered on ---
+
+REGRESSION = "configs/regression_unet.json"
+
+
+@pytest.fixture(scope="module")
+def trained_regression(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mr2ct_regression")
+    # validation after the last epoch only: the EMA (every 10 iterations) has then followed the training
+    bundle_run("training", "--config_file", f"['{TRAIN}','{REGRESSION}']", "--bundle_root", str(root),
+               "--max_epochs", "2", "--val_interval", "2", *FAST)
+    return root
+
+
+def test_regression_fragment_trains_a_u_net_with_the_bundles_trainer(trained_regression):
+    root = trained_regression
+    for name in ("model.pt", "checkpoint_final.pt"):
+        assert (root / "models" / name).is_file(), name
+    record = torch.load(root / "models" / "model.pt", weights_only=True)["_extra_state"]
+    assert record["architecture"]["method"] == "regression"
+    assert record["architecture"]["network"]["features"] == list(REGRESSION_PRESETS["tiny"]["features"])
+    assert set(record["trained_iterations"]) == {"regression"} and record["trained_iterations"]["regression"] > 0
+    assert record["validation_sampler"] is None and record["record"]["training"]["stages"] == ["regression"]
+    checkpoint = torch.load(root / "models" / "checkpoint_final.pt", weights_only=True)
+    assert {"network", "network_ema", "regression_optimizer", "trainer"} <= set(checkpoint)
+
+
+def test_regression_fragment_inference_writes_synthetic_ct(trained_regression):
+    root = trained_regression
+    bundle_run("run", "--config_file", f"['{INFER}','{REGRESSION}']", "--bundle_root", str(root), *HELD_OUT)
+    cases = sorted(p.name for p in (root / "eval").iterdir())
+    assert len(cases) == 2
+    for case in cases:
+        sct = nib.load(root / "eval" / case / "sct.nii.gz")
+        mr = nib.load(root / "data" / "demo" / "Task1" / "brain" / case / "mr.nii.gz")
+        assert sct.get_data_dtype() == np.int16 and sct.shape == mr.shape
+        values = np.asarray(sct.dataobj)
+        assert values.min() >= -1024 and values.max() <= 3000 and values.std() > 0
 
 
 # --- bad input through the training pipeline: clear errors naming the case, nothing written -------

@@ -1,0 +1,329 @@
+"""Train each method for the same wall-clock budget through a bundle's configs and score the held-out cases.
+
+Every method trains through the bundle's own ``train.json`` (the regression U-Net with
+``configs/regression_unet.json`` layered on it, as a user would), on one split (``--num-validation``
+cases held out with ``--seed``), with validation off, until its training steps have taken
+``--budget-seconds`` (``TrainingBudget``). The bundle's ``inference.json`` then translates the
+held-out cases from the final EMA weights, once per DRDD sampler variant (``--sampler``), and the
+project's SynthRAD2023 functions score the written synthetic CTs (masked MAE in HU, PSNR, SSIM).
+
+Each method and sampler appends one JSON object per line to ``--output``, as soon as it is scored
+(each append replaces the file atomically). A row whose method, config, paired fraction and budget
+are already in the file is refused before anything trains, unless ``--replace`` (which replaces it).
+
+Example, the 25 prepared IBSI pairs, 7 minutes per method::
+
+    python scripts/compare_methods.py --dataset-dir /work/ibsi_prepared/registered --dataset-name ibsi \\
+        --budget-seconds 420 --num-validation 5 --seed 0 --network-preset cpu-demo \\
+        --method drdd --method regression --sampler default --sampler residual_only \\
+        --output docs/results/mr2ct_ibsi.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from drdd_med.benchmark import environment
+from drdd_med.data.files import atomic_output
+from drdd_med.errors import DRDDInputError, OutputExistsError
+from drdd_med.evaluation import check_same_grid, read_volume
+from drdd_med.handlers import TrainingBudget
+from drdd_med.metrics.functional import synthrad2023_mae, synthrad2023_psnr, synthrad2023_ssim
+
+ROOT = Path(__file__).resolve().parents[1]
+# config fragments layered on the bundle's configs, per method (MONAI's list form of --config_file)
+METHODS = {"drdd": [], "regression": [ROOT / "configs" / "regression_unet.json"]}
+# DRDD sampler variants by name; a regression model takes no sampler
+SAMPLERS = {
+    "default": {},
+    "residual_only": {"noise_steps": 0, "start_scale": 0.0},
+    "start_scale_0.64": {"start_scale": 0.64},
+    # start at the noise level the residual stage was trained in (σ_N², = 1 for the method's σ_{T−1})
+    "forward_point": {"start_scale": "$@schedule.fixed_noise_level ** 2"},
+}
+NEVER = 10**9  # epochs: validation and periodic checkpoints never come; the budget ends training
+METRICS = {"mae_hu": synthrad2023_mae, "psnr_db": synthrad2023_psnr, "ssim": synthrad2023_ssim}
+
+logger = logging.getLogger("compare_methods")
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset-dir", type=Path, required=True, help="a SynthRAD-layout folder of pairs")
+    parser.add_argument("--output", type=Path, required=True, help="results file, e.g. docs/results/mr2ct_ibsi.jsonl")
+    parser.add_argument("--budget-seconds", type=float, required=True, help="training time per method")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "drdd_mr2ct")
+    parser.add_argument("--task", default="mr2ct", help="task name recorded in each row")
+    parser.add_argument("--dataset-name", help="dataset name recorded in each row (default: the folder's name)")
+    parser.add_argument("--method", action="append", choices=sorted(METHODS), help="repeatable (default: all)")
+    parser.add_argument("--sampler", action="append", choices=sorted(SAMPLERS),
+                        help="DRDD sampler variant, repeatable (default: default)")
+    parser.add_argument("--num-validation", type=int, default=5, help="held-out cases")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the sampler")
+    parser.add_argument("--network-preset", help="network size (default: the device profile's)")
+    parser.add_argument("--paired-fraction", type=float, default=1.0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                        help="bundle config override, e.g. learning_rate=1e-3 or patch_size=[96,96]; applied to "
+                             "each config (train, inference) that has the key (for KEY a#b: the item a)")
+    parser.add_argument("--work-dir", type=Path, help="keep the trained models and translations here "
+                                                       "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--replace", action="store_true", help="replace rows already in --output")
+    args = parser.parse_args(argv)
+    args.method = args.method or sorted(METHODS)
+    args.sampler = args.sampler or ["default"]
+    args.overrides = dict(_parse_override(text) for text in args.overrides)
+    if not args.budget_seconds > 0:
+        parser.error("--budget-seconds must be positive")
+    return args
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"error: --set {text!r}: expected KEY=JSON")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise SystemExit(f"error: --set {key}: {value!r} is not JSON (quote strings: {key}='\"text\"')") from None
+
+
+# --- bundle configs --------------------------------------------------------------------------------
+
+
+def _applies(parser: ConfigParser, key: str) -> bool:
+    """Whether ``key`` is an item of this config (for ``a#b``: whether item ``a`` is)."""
+    parent = key.rpartition("#")[0]
+    return (parent or key) in parser
+
+
+def bundle_parser(config: str, method: str, bundle: Path, settings: dict, overrides: dict) -> ConfigParser:
+    """The bundle's ``config`` (train/inference) for ``method``, with ``settings`` and the applicable ``overrides``."""
+    parser = ConfigParser()
+    with warnings.catch_warnings():  # inference.json has no "train" section for a fragment's "+train" to extend
+        warnings.filterwarnings("ignore", message=r"Can't merge entry \['\+train'\]")
+        parser.read_config([str(bundle / "configs" / f"{config}.json"), *map(str, METHODS[method])])
+    parser.update(settings)
+    parser.update({k: v for k, v in overrides.items() if _applies(parser, k)})
+    return parser
+
+
+def check_overrides(args: argparse.Namespace) -> None:
+    """Refuse an override that no config of any method has (a typo would otherwise change nothing)."""
+    for key in args.overrides:
+        if not any(_applies(bundle_parser(config, method, args.bundle, {}, {}), key)
+                   for config in ("train", "inference") for method in args.method):
+            raise DRDDInputError(f"--set {key}: no such item in the bundle's train or inference config")
+
+
+def split_settings(args: argparse.Namespace) -> dict:
+    """What every config gets: the data and the held-out split."""
+    return {"dataset_dir": str(args.dataset_dir), "num_validation": args.num_validation, "seed": args.seed}
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """Training settings: the split, the paired fraction, the network size; epochs never end it, the budget does."""
+    settings = {**split_settings(args), "paired_fraction": args.paired_fraction, "max_epochs": NEVER,
+                "val_interval": NEVER}
+    if args.network_preset:
+        settings["network_preset"] = args.network_preset
+    return settings
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+
+def planned_rows(args: argparse.Namespace) -> list[dict]:
+    """The rows this run will write, identified by method and config (before any training)."""
+    rows = []
+    for method in args.method:
+        parser = bundle_parser("train", method, args.bundle, train_settings(args), args.overrides)
+        config = {"bundle": args.bundle.name, "network_preset": parser.get_parsed_content("network_preset"),
+                  "num_validation": args.num_validation, "seed": args.seed, "overrides": args.overrides}
+        variants = args.sampler if method == "drdd" else [None]
+        for name in variants:
+            sampler = {} if name is None else {"sampler": name, "sampler_settings": SAMPLERS[name]}
+            rows.append({"method": method, "config": {**config, **sampler}, "paired_fraction": args.paired_fraction,
+                         "budget_seconds": args.budget_seconds})
+    return rows
+
+
+def train(method: str, args: argparse.Namespace, bundle_root: Path) -> dict:
+    """Train ``method`` through the bundle until the budget; its time, iterations and checkpoint."""
+    settings = {**train_settings(args), "bundle_root": str(bundle_root)}
+    parser = bundle_parser("train", method, args.bundle, settings, args.overrides)
+    parser.get_parsed_content("initialize")  # seeds, refuses an existing model, attaches the final checkpoint
+    trainer = parser.get_parsed_content("train#trainer")
+    budget = TrainingBudget(args.budget_seconds)
+    budget.attach(trainer)
+    trainer.run()
+    return {
+        "train_seconds": round(budget.elapsed, 3),
+        "iterations": budget.iterations,
+        "longest_iteration_seconds": round(budget.longest_iteration, 3),  # bounds how far past the budget it ran
+        "trained_iterations": dict(parser.get_parsed_content("network").trained_iterations),
+        "device": parser.get_parsed_content("device"),
+        "checkpoint": bundle_root / "models" / "checkpoint_final.pt",  # its network_ema is what inference loads
+    }
+
+
+def translate(method: str, sampler: dict, args: argparse.Namespace, trained: dict, out_dir: Path) -> list[dict]:
+    """Write the held-out cases' synthetic CTs with the bundle's inference config; return those cases."""
+    settings = {**split_settings(args), "bundle_root": str(out_dir.parent), "ckpt_path": str(trained["checkpoint"]),
+                "output_dir": str(out_dir)}
+    parser = bundle_parser("inference", method, args.bundle, settings, args.overrides)
+    parser.update({f"sampler#{k}": v for k, v in sampler.items()})  # a named variant means what it says
+    parser.get_parsed_content("initialize")
+    parser.get_parsed_content("run")
+    return parser.get_parsed_content("datalist")
+
+
+def score(cases: list[dict], out_dir: Path) -> dict[str, list[float]]:
+    """SynthRAD2023 masked MAE (HU), PSNR and SSIM of each case's written synthetic CT against its CT."""
+    scores = {name: [] for name in METRICS}
+    for item in cases:
+        case = item["case_id"]
+        ct, ct_affine = read_volume(item["target"], "ct", case)
+        mask, _ = read_volume(item["mask"], "mask", case)
+        sct, sct_affine = read_volume(out_dir / case / "sct.nii.gz", "synthetic CT", case)
+        check_same_grid(case, "synthetic CT", sct.shape, sct_affine, ct.shape, ct_affine)
+        for name, metric in METRICS.items():
+            scores[name].append(float(metric(sct, ct, mask, case=case)))
+    return scores
+
+
+# --- results file ----------------------------------------------------------------------------------
+
+
+def row_key(row: dict) -> str:
+    """Rows with the same key measure the same thing: a second one is a duplicate."""
+    return json.dumps([row["method"], row["config"], row["paired_fraction"], row["budget_seconds"]], sort_keys=True)
+
+
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """The results file's lines with their parsed rows (the text is kept as it was written)."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            raise DRDDInputError(f"{path.name}: line {number} is not JSON; fix the file before appending") from None
+    return rows
+
+
+def check_duplicates(path: Path, planned: list[dict], replace: bool) -> None:
+    """Refuse, before anything trains, rows that ``path`` holds already (unless they are to be replaced)."""
+    existing = {row_key(row) for _, row in read_rows(path)}
+    duplicates = [row for row in planned if row_key(row) in existing]
+    if duplicates and not replace:
+        names = ", ".join(f"{r['method']}" + (f" ({r['config']['sampler']})" if "sampler" in r["config"] else "")
+                          for r in duplicates)
+        raise OutputExistsError(f"{path.name} already holds {names} with this config, paired fraction and budget; "
+                                "pass --replace to replace those rows")
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append ``row`` (replacing a row with its key), rewriting the file atomically: never half a line."""
+    kept = [line for line, old in read_rows(path) if row_key(old) != row_key(row)]
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in [*kept, json.dumps(row, allow_nan=False)]))
+
+
+# --- provenance ------------------------------------------------------------------------------------
+
+
+def git_commit() -> dict:
+    def git(*command):
+        result = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def describe_device(device) -> str:
+    env = environment(torch.device(device))
+    return f"{env['device_name']} ({env['device']}, {env['threads']} torch threads, {env['cpu_count']} CPUs)"
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, work_dir: Path, command: str) -> list[dict]:
+    check_overrides(args)
+    planned = planned_rows(args)
+    check_duplicates(args.output, planned, args.replace)
+    provenance = {"task": args.task, "dataset": args.dataset_name or args.dataset_dir.name, "command": command,
+                  **git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    written = []
+    for method in args.method:
+        logger.info("training %s for %.0f s", method, args.budget_seconds)
+        trained = train(method, args, work_dir / method)
+        for plan in (row for row in planned if row["method"] == method):
+            variant = plan["config"].get("sampler", "translation")
+            out_dir = work_dir / method / variant
+            started = time.perf_counter()
+            cases = translate(method, SAMPLERS.get(variant, {}), args, trained, out_dir)
+            scores = score(cases, out_dir)
+            row = {**plan, **{k: trained[k] for k in ("train_seconds", "iterations", "longest_iteration_seconds",
+                                                        "trained_iterations")},
+                   "device": describe_device(trained["device"]),
+                   "inference_seconds": round(time.perf_counter() - started, 3),
+                   "cases": [item["case_id"] for item in cases],
+                   **{name: float(np.mean(values)) for name, values in scores.items()},
+                   "per_case": scores, **provenance}
+            append_row(args.output, row)
+            logger.info("%s %s: MAE %.1f HU, PSNR %.2f dB, SSIM %.3f", method, variant,
+                        row["mae_hu"], row["psnr_db"], row["ssim"])
+            written.append(row)
+    return written
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The error a bundle config wraps (MONAI re-raises what an item raised as ``RuntimeError``)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "scripts/compare_methods.py", *argv])
+    try:
+        if args.work_dir:
+            run(args, args.work_dir, command)
+        else:
+            with tempfile.TemporaryDirectory(prefix="drdd-compare-") as tmp:
+                run(args, Path(tmp), command)
+    except Exception as err:
+        cause = _root_cause(err)
+        if not isinstance(cause, (DRDDInputError, OutputExistsError)):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

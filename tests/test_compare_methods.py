@@ -1,0 +1,162 @@
+"""scripts/compare_methods.py: equal wall-clock budgets, every documented field, finite scores, no silent duplicates.
+
+The end-to-end run trains tiny DRDD and regression models for a few seconds each on tiny demo data:
+it checks the plumbing and the record, never image quality.
+"""
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from ignite.engine import Engine, Events
+
+from drdd_med.data.demo import write_demo_dataset
+from drdd_med.data.datalists import prepare_datalists
+from drdd_med.errors import DRDDInputError
+from drdd_med.handlers import TrainingBudget
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
+compare_methods = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(compare_methods)
+
+BUDGET = 2.0
+FIELDS = {"method", "config", "paired_fraction", "budget_seconds", "train_seconds", "iterations",
+          "longest_iteration_seconds", "trained_iterations", "device", "inference_seconds", "cases", "mae_hu",
+          "psnr_db", "ssim", "per_case", "task", "dataset", "command", "git_commit", "git_dirty", "date"}
+SCORES = ("mae_hu", "psnr_db", "ssim")
+
+
+# --- the budget handler ----------------------------------------------------------------------------
+
+
+def test_training_budget_stops_after_the_iteration_that_reaches_it_and_counts_steps_only():
+    step = 0.02
+
+    def slow_step(engine, batch):
+        time.sleep(step)
+
+    engine = Engine(slow_step)
+    # epoch-level work (validation, checkpoints) is not training: it must not use up the budget
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: time.sleep(0.1))
+    budget = TrainingBudget(0.2)
+    budget.attach(engine)
+    started = time.perf_counter()
+    engine.run(range(3), max_epochs=1000)
+    wall = time.perf_counter() - started
+    assert budget.seconds <= budget.elapsed < budget.seconds + budget.longest_iteration
+    assert budget.iterations == engine.state.iteration and budget.longest_iteration >= step
+    assert budget.elapsed - budget.longest_iteration < budget.seconds  # it stopped at the first iteration past it
+    assert wall > budget.elapsed + 0.1 * (engine.state.epoch - 1)  # the epoch-level sleeps were not counted
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        TrainingBudget(0)
+
+
+# --- the results file ------------------------------------------------------------------------------
+
+
+def _row(method="drdd", sampler="default", **extra):
+    return {"method": method, "config": {"sampler": sampler, "seed": 0}, "paired_fraction": 1.0,
+            "budget_seconds": 5.0, **extra}
+
+
+def test_rows_are_appended_a_duplicate_is_refused_and_replace_replaces_only_it(tmp_path):
+    out = tmp_path / "results" / "mr2ct_demo.jsonl"
+    compare_methods.append_row(out, _row(mae_hu=100.0))
+    compare_methods.append_row(out, _row(sampler="residual_only", mae_hu=90.0))
+    assert [json.loads(line)["mae_hu"] for line in out.read_text().splitlines()] == [100.0, 90.0]
+    with pytest.raises(compare_methods.OutputExistsError, match="mr2ct_demo.jsonl already holds drdd \\(default\\)"):
+        compare_methods.check_duplicates(out, [_row()], replace=False)
+    compare_methods.check_duplicates(out, [_row(paired_fraction=0.5)], replace=False)  # another fraction: no duplicate
+    compare_methods.check_duplicates(out, [_row()], replace=True)
+    compare_methods.append_row(out, _row(mae_hu=80.0))  # --replace: the old row goes, the other stays
+    assert [json.loads(line)["mae_hu"] for line in out.read_text().splitlines()] == [90.0, 80.0]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left beside it
+
+
+def test_a_damaged_results_file_is_never_rewritten(tmp_path):
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps(_row()) + "\n{half a line")
+    with pytest.raises(DRDDInputError, match="results.jsonl: line 2 is not JSON"):
+        compare_methods.append_row(out, _row(sampler="residual_only"))
+    assert out.read_text().endswith("{half a line")
+
+
+def test_a_row_that_is_not_strict_json_is_refused_and_the_file_kept(tmp_path):
+    out = tmp_path / "results.jsonl"
+    compare_methods.append_row(out, _row())
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        compare_methods.append_row(out, _row(sampler="residual_only", mae_hu=float("nan")))
+    assert out.read_bytes() == before
+
+
+# --- end to end on tiny demo data ------------------------------------------------------------------
+
+
+def _args(data, out, *extra):
+    return ["--dataset-dir", str(data), "--dataset-name", "demo", "--output", str(out),
+            "--budget-seconds", str(BUDGET), "--num-validation", "2", "--network-preset", "tiny",
+            "--method", "drdd", "--method", "regression", "--sampler", "default", "--sampler", "residual_only",
+            # small patches; the EMA every step, so seconds of training leave trained EMA weights to translate
+            "--set", "patch_size=[32,32]", "--set", "patches_per_volume=2", "--set", "volumes_per_batch=1",
+            "--set", "train#handlers#0#every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    write_demo_dataset(root / "data", num_paired=5, num_unpaired=0, shape=(32, 32, 8), spacing=(6, 6, 18))
+    out = root / "results" / "mr2ct_demo.jsonl"
+    assert compare_methods.main(_args(root / "data", out)) == 0
+    return root, out
+
+
+def test_each_method_and_sampler_gets_one_row_with_every_field_and_finite_scores(compared):
+    root, out = compared
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["config"].get("sampler")) for r in rows] == [
+        ("drdd", "default"), ("drdd", "residual_only"), ("regression", None)]
+    split = prepare_datalists(root / "data", num_validation=2, seed=0)
+    held_out = sorted(item["case_id"] for item in split["validation"])
+    for row in rows:
+        assert FIELDS <= set(row), FIELDS - set(row)
+        assert sorted(row["cases"]) == held_out  # the same split for every method
+        for name in SCORES:
+            assert math.isfinite(row[name]) and len(row["per_case"][name]) == 2
+            assert row[name] == pytest.approx(sum(row["per_case"][name]) / 2)
+        assert 0 < row["mae_hu"] < 3000 and 0 < row["ssim"] <= 1
+        assert row["config"]["network_preset"] == "tiny" and row["config"]["overrides"]["patches_per_volume"] == 2
+        assert row["dataset"] == "demo" and row["task"] == "mr2ct" and "threads" in row["device"]
+        assert "--budget-seconds 2.0" in row["command"] and len(row["git_commit"] or "x" * 40) == 40
+    drdd, residual_only, regression = rows
+    assert drdd["config"]["sampler_settings"] == {} and residual_only["config"]["sampler_settings"] == {
+        "noise_steps": 0, "start_scale": 0.0}
+    assert drdd["mae_hu"] != residual_only["mae_hu"]  # the variants were really sampled differently
+    assert drdd["trained_iterations"] == {"residual": drdd["iterations"], "noise": drdd["iterations"]}
+    assert regression["trained_iterations"] == {"regression": regression["iterations"]}
+
+
+def test_each_method_trains_for_the_budget_and_not_an_iteration_longer(compared):
+    _, out = compared
+    for row in map(json.loads, out.read_text().splitlines()):
+        assert row["iterations"] >= 1
+        assert BUDGET <= row["train_seconds"] < BUDGET + row["longest_iteration_seconds"] + 0.01
+
+
+def test_a_rerun_with_the_same_config_is_refused_before_training(compared, capsys):
+    root, out = compared
+    before = out.read_bytes()
+    started = time.perf_counter()
+    assert compare_methods.main(_args(root / "data", out)) == 2
+    assert "already holds drdd (default), drdd (residual_only), regression" in capsys.readouterr().err
+    assert out.read_bytes() == before and time.perf_counter() - started < 30  # refused up front, nothing trained
+
+
+def test_an_override_no_config_has_is_refused(compared, capsys):
+    root, out = compared
+    assert compare_methods.main(_args(root / "data", out, "--set", "learnig_rate=0.1")) == 2
+    assert "--set learnig_rate: no such item in the bundle's train or inference config" in capsys.readouterr().err
