@@ -135,6 +135,8 @@ class DRDDTrainer(Trainer):
         self.optimizers = {stage: optimizers[stage] for stage in stages}
         self.stages = stages
         self.schedule = schedule or DRDDSchedule()
+        if hasattr(network, "schedule"):  # DRDD: the model record keeps the schedule it is trained with
+            network.schedule = self.schedule.settings()
         self.grad_clip = grad_clip
         self.precision = precision
 

@@ -202,7 +202,9 @@ class DRDDNetworks(RecordedModel):
 
     ``residual`` and ``noise`` are keyword dicts for ``build_drdd_network`` (sizes, attention...).
     The container has no ``forward``: sampling composes the two through ``drdd_med.inferers``.
-    The state dict carries the model record (``RecordedModel``), method ``"drdd"``.
+    The state dict carries the model record (``RecordedModel``), method ``"drdd"``, and the diffusion
+    schedule the networks were trained with (``schedule``, set by ``DRDDTrainer``): the residual
+    network learned one fixed noise level, so it must be sampled with the same one.
     """
 
     method = "drdd"
@@ -224,6 +226,14 @@ class DRDDNetworks(RecordedModel):
         context_channels = image_channels * (context_slices - 1)
         self.residual = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(residual or {}))
         self.noise = build_drdd_network("noise", spatial_dims, image_channels, conditional=noise_conditional, **(noise or {}))
+        self.schedule: dict | None = None
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "schedule": self.schedule}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.schedule = state.get("schedule")
 
     @classmethod
     def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
@@ -417,6 +427,13 @@ def load_model(path, map_location="cpu", key: str | None = None, sampler=None, *
 
 def check_sampler(model: RecordedModel, sampler, name: str = "model") -> None:
     """Refuse to translate with ``sampler`` when it runs a stage ``model`` was never trained for."""
+    trained_with = getattr(model, "schedule", None)
+    if trained_with is not None and trained_with != sampler.schedule.settings():
+        raise DRDDInputError(
+            f"{name}: the model was trained with fixed_noise_step {trained_with['fixed_noise_step']} "
+            f"(schedule {trained_with}), the sampler's schedule is {sampler.schedule.settings()}; "
+            f"sample with fixed_noise_step {trained_with['fixed_noise_step']}"
+        )
     untrained = [stage for stage in model.stages_run_by(sampler) if not model.trained_iterations[stage]]
     if untrained:
         trained = ", ".join(f"{s} {n} iterations" for s, n in model.trained_iterations.items() if n) or "none"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from drdd_med.diffusion import DRDDSchedule
 from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, ensure_new_run
 from drdd_med.errors import OutputExistsError
 from drdd_med.handlers import EMAHandler, MaskedMAEHandler
@@ -56,6 +57,14 @@ def test_trainer_updates_only_the_configured_stages(stages):
     assert trainer.state.iteration == (3 if "residual" in stages else 5)
     # the model record counts the iterations each stage was trained
     assert model.trained_iterations == {s: trainer.state.iteration if s in stages else 0 for s in ("residual", "noise")}
+    assert model.schedule == DRDDSchedule().settings()  # and the schedule they were trained with
+
+
+def test_trainer_records_a_lower_fixed_noise_level_in_the_model():
+    model = DRDDNetworks.from_preset("tiny")
+    DRDDTrainer("cpu", 1, model, torch.optim.Adam(model.residual.parameters()), None, _paired(), None,
+                stages=("residual",), schedule=DRDDSchedule(fixed_noise_step=50))
+    assert model.schedule["fixed_noise_step"] == 50
 
 
 def test_trainer_refuses_a_stage_without_its_data():

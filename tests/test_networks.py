@@ -223,3 +223,14 @@ def test_a_checkpoint_of_the_other_method_is_refused_clearly(tmp_path):
     record = _trained_regression().get_extra_state()
     with pytest.raises(DRDDInputError, match="built as regression model, 2D.*features 4/4/8/16/32/4, these as drdd"):
         DRDDNetworks.from_preset("tiny").set_extra_state(record)
+
+
+def test_a_sampler_with_another_fixed_noise_level_than_training_is_refused(tmp_path):
+    """The residual network learned one fixed noise level σ_N: sampling it inside another is refused."""
+    model = _trained_model(noise=3)
+    model.schedule = DRDDSchedule(fixed_noise_step=50).settings()  # as DRDDTrainer records it
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule(fixed_noise_step=50)))
+    assert loaded.schedule["fixed_noise_step"] == 50
+    with pytest.raises(DRDDInputError, match="trained with fixed_noise_step 50.*sample with fixed_noise_step 50"):
+        load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule()))
