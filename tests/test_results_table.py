@@ -1,0 +1,37 @@
+"""scripts/results_table.py: the README tables come from the results files, row for row."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
+spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
+results_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results_table)
+
+
+def _row(method, mae, sampler=None, overrides=None):
+    return {"method": method, "config": {"sampler": sampler, "overrides": overrides or {}}, "paired_fraction": 0.25,
+            "budget_seconds": 420.0, "train_seconds": 420.3, "iterations": 700, "device": "cpu, 2 threads",
+            "cases": ["A", "B"], "mae_hu": sum(mae) / 2, "psnr_db": 25.0, "ssim": 0.8,
+            "per_case": {"mae_hu": mae, "psnr_db": [24.0, 26.0], "ssim": [0.7, 0.9]}}
+
+
+def test_table_quotes_every_row_with_its_knobs_and_spread(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    rows = [_row("drdd", [100.0, 120.0], "default", {"fixed_noise_step": 50}), _row("regression", [90.0, 90.0])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results_table.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == ("| drdd, sampler default, fixed_noise_step 50 | 25% | 420.0 / 700 | 110.0 ± 14.1 "
+                        "| 25.00 ± 1.41 | 0.800 ± 0.141 |")
+    assert lines[3].startswith("| regression | 25% |") and "90.0 ± 0.0" in lines[3]
+    assert "held-out cases: A, B" in lines[-1]
+
+
+def test_an_empty_file_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit):
+        results_table.main([str(tmp_path / "empty.jsonl")])
