@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from drdd_med import __version__
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule, network_fns, noise_p_losses, residual_p_losses
 from drdd_med.inferers import DRDDInferer
+from drdd_med.bundle import resolve_device
 from drdd_med.networks import PRESETS, DRDDNetworks, seeded_initialisation
 
 logger = logging.getLogger(__name__)
@@ -105,21 +106,6 @@ def cpu_bf16_native() -> bool:
 
 def bf16_supported(device: torch.device) -> bool:
     return device.type == "cuda" or cpu_bf16_native()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one; a CUDA device that is not there is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # not a device name torch knows
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-    return device
 
 
 # --- measuring ---------------------------------------------------------------------------------------

@@ -41,13 +41,20 @@ def resolve_bundle(bundle: str | os.PathLike) -> Path:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: the first GPU when there is one, else the CPU."""
+    """``None``/``"auto"``: the first GPU when there is one, else the CPU; a name torch does not
+    know, a device other than CPU/CUDA, or a CUDA device that is not there is a usage error."""
     if device is None or str(device) == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested, but torch sees no CUDA GPU")
-    return device
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # not a device name torch knows
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {resolved} requested, but torch sees no CUDA GPU "
+                         "(CUDA is not available on this machine)")
+    return resolved
 
 
 def _parsed(parser: ConfigParser, key: str):
