@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from drdd_med.data.datalists import BODY_THRESHOLD_HU
 from drdd_med.data.files import atomic_output, atomic_output_dir
 from drdd_med.data.readers import load_volume
-from drdd_med.data.writers import RAS_TO_LPS, _to_sitk, write_volume
+from drdd_med.data.writers import RAS_TO_LPS, to_sitk, write_volume
 from drdd_med.errors import DRDDInputError, OutputExistsError
 from drdd_med.transforms.array import BodyMask, CheckVolume
 
@@ -120,7 +120,7 @@ def _load(path: Path, role: str) -> tuple[sitk.Image, np.ndarray]:
     volume = load_volume(path)
     CheckVolume()(volume[None], name=role)
     affine = np.asarray(volume.affine, dtype=np.float64)
-    return _to_sitk(np.asarray(volume.numpy(), dtype=np.float32), affine), affine
+    return to_sitk(np.asarray(volume.numpy(), dtype=np.float32), affine), affine
 
 
 def _to_array(image: sitk.Image) -> np.ndarray:

@@ -50,13 +50,13 @@ def write_volume(
         elif name.endswith((".mha", ".mhd")):
             if name.endswith(".mhd"):
                 raise DRDDInputError(f"{path.name}: write .mha (one file); .mhd needs a separate raw file")
-            sitk.WriteImage(_to_sitk(data, affine), str(tmp), useCompression=True)
+            sitk.WriteImage(to_sitk(data, affine), str(tmp), useCompression=True)
         else:
             raise DRDDInputError(f"{path.name}: unknown output format; use .nii, .nii.gz or .mha")
     return path
 
 
-def _to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
+def to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     direction_ras = affine[:3, :3] / spacing
     image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # sitk wants (k, j, i)
