@@ -11,6 +11,9 @@ Sections follow the method page (docs: ``drdd_method.md``):
    time ``a_t T`` and predicts ``r``.
 4. Sampler: ``S_r`` deterministic residual steps, then ``S_n`` DDIM-style (variance-exploding)
    noise steps, with ``η`` and a start scale.
+5. The conditional-diffusion baseline (not DRDD): a standard variance-preserving DDPM whose network
+   sees ``concat(y_t, x_in)`` and predicts ``ε``, sampled with DDIM from pure noise in as many
+   evaluations as the DRDD sampler takes. It shares the schedule's ``β_t``/``ᾱ_t`` tables.
 
 Images are tensors ``(B, C, *spatial)`` for any number of spatial dimensions. Networks enter only as
 callables, so the same sampler drives a plain network, a slice-wise 2D model over a volume, or a
@@ -154,19 +157,26 @@ def residual_p_losses(
     target: torch.Tensor,
     context: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    loss: str = "l2",
 ) -> torch.Tensor:
-    """``E ‖r_θ(concat(x_t, x_in), a_t T) − r‖²`` with ``r = x_in − y``.
+    """``E ‖r_θ(concat(x_t, x_in), a_t T) − r‖²`` with ``r = x_in − y`` (the method's ``loss="l2"``).
 
     ``source`` and ``target`` have the image channels; ``context`` holds extra condition channels
-    (neighbouring source slices for 2.5D) appended after the source.
+    (neighbouring source slices for 2.5D) appended after the source. ``loss="l1"`` takes the mean
+    absolute error instead, a knob measured against the method (the regression baseline's loss).
     """
+    if loss not in RESIDUAL_LOSSES:
+        raise ValueError(f"loss must be one of {sorted(RESIDUAL_LOSSES)}, got {loss!r}")
     residual = source - target
     t = schedule.sample_timesteps(target.shape[0], target.device, generator)
     noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
     x_t = residual_q_sample(schedule, target, residual, t, noise)
     condition = source if context is None else torch.cat([source, context], dim=1)
     prediction = residual_net(torch.cat([x_t, condition], dim=1), residual_time(schedule, t))
-    return F.mse_loss(prediction.float(), residual.float())
+    return RESIDUAL_LOSSES[loss](prediction.float(), residual.float())
+
+
+RESIDUAL_LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
 
 
 # --- 4. Sampler ------------------------------------------------------------------------------------
@@ -214,6 +224,7 @@ class DRDDSampler:
     with ``start_scale`` ``σ_t²`` or 0), for studies of the noise stage at low noise levels.
     """
 
+    method = "drdd"  # the models it samples (``RecordedModel.method``)
     schedule: DRDDSchedule
     residual_steps: int = 2
     noise_steps: int = 2
@@ -334,3 +345,90 @@ def network_fns(
         return noise_net(torch.cat([x, source], dim=1) if noise_conditional else x, tau)
 
     return residual_fn, noise_fn
+
+
+# --- 5. Conditional DDIM (the conditional-diffusion baseline) -------------------------------------
+
+
+def ddim_q_sample(schedule: DRDDSchedule, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Variance-preserving forward process: ``y_t = sqrt(ᾱ_t) y + sqrt(1 − ᾱ_t) ε``."""
+    alpha_bar = _expand(_lookup(schedule.alphas_cumprod, t), y)
+    return alpha_bar.sqrt() * y + (1 - alpha_bar).sqrt() * noise
+
+
+def ddim_p_losses(
+    schedule: DRDDSchedule,
+    denoiser: Denoiser,
+    condition: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``E ‖ε_φ(concat(y_t, condition), t) − ε‖²``, ``t`` uniform over ``{0, …, T−1}`` (time input: ``t``)."""
+    t = schedule.sample_timesteps(y.shape[0], y.device, generator)
+    noise = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
+    prediction = denoiser(torch.cat([ddim_q_sample(schedule, y, t, noise), condition], dim=1), t.float())
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+@dataclass
+class DDIMSampler:
+    """DDIM (Song et al. 2021) for the conditional baseline: ``steps`` evaluations from pure noise.
+
+    On the grid of ``DRDDSchedule.step_pairs(steps)``, each step estimates
+    ``ŷ = (x − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)``, clipped to the normalised range [−1, 1] (``clip``),
+    then moves to ``x = sqrt(ᾱ_next) ŷ + sqrt(1 − ᾱ_next − c²) ε̂ + c z`` with
+    ``c = η sqrt((1 − ᾱ_next)/(1 − ᾱ_t)) sqrt(1 − ᾱ_t/ᾱ_next)``; the last step outputs ``ŷ``.
+    The ``source`` only gives the shape of the start noise: the condition is bound into ``denoise_fn``.
+    """
+
+    method = "cddim"  # the models it samples (``RecordedModel.method``)
+    schedule: DRDDSchedule
+    steps: int = 4
+    eta: float = 0.0
+    clip: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        self.pairs = self.schedule.step_pairs(self.steps)
+
+    def settings(self) -> dict:
+        """The sampler's settings and schedule as plain values (for a model record or a results file)."""
+        return {"sampler": "ddim", "steps": self.steps, "eta": self.eta, "clip": self.clip, **self.schedule.settings()}
+
+    @property
+    def num_noise_draws(self) -> int:
+        """Noise tensors one run uses: the start noise, then one per step with ``c > 0``."""
+        return 1 + sum(self._c(t, t_next) > 0 for t, t_next in self.pairs)
+
+    def _alpha_bar(self, t: int) -> float:
+        return float(self.schedule.alphas_cumprod[t])
+
+    def _c(self, t: int, t_next: int) -> float:
+        if self.eta == 0 or t_next < 0:
+            return 0.0
+        a_t, a_next = self._alpha_bar(t), self._alpha_bar(t_next)
+        return self.eta * ((1 - a_next) / (1 - a_t) * (1 - a_t / a_next)) ** 0.5
+
+    def sample(
+        self,
+        source: torch.Tensor,
+        denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """A target-domain image for ``source`` (normalised); ``denoise_fn(x, t)`` returns ``ε̂``."""
+        draws = NoiseDraws(noise, generator)
+        x = draws(source)
+        for t, t_next in self.pairs:
+            a_t = self._alpha_bar(t)
+            noise_hat = denoise_fn(x, torch.full((x.shape[0],), float(t), device=x.device)).to(x.dtype)
+            y_hat = (x - (1 - a_t) ** 0.5 * noise_hat) / a_t**0.5
+            if self.clip:
+                y_hat = y_hat.clamp(-1, 1)
+            if t_next >= 0:  # the grid's last step (t_next = −1) ends at ŷ
+                a_next, c = self._alpha_bar(t_next), self._c(t, t_next)
+                x = a_next**0.5 * y_hat + (1 - a_next - c**2) ** 0.5 * noise_hat
+                if c > 0:
+                    x = x + c * draws(x)
+        return y_hat

@@ -3,9 +3,9 @@
 Training reads two data sources: *pairs* (source, target, mask patches) for the residual stage and
 the *unpaired pool* (target patches only) for the noise stage. Both stages train in one run with
 their own optimizer, or either alone (``stages``). One epoch is one pass over the first configured
-source; the other is cycled. The regression baseline (``RegressionNetworks``) is one more stage,
-``"regression"``, on the pairs: same loop, clipping, precision, EMA and checkpoints, so a comparison
-differs in the method only.
+source; the other is cycled. The baselines are one more stage each, on the pairs: ``"denoise"``
+(conditional DDPM, ``ConditionalDiffusionNetworks``) and ``"regression"`` (``RegressionNetworks``):
+same loop, clipping, precision, EMA and checkpoints, so a comparison differs in the method only.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from monai.engines import Evaluator, Trainer
 from monai.utils import convert_to_tensor
 
-from drdd_med.diffusion import DRDDSchedule, noise_p_losses, residual_p_losses
+from drdd_med.diffusion import RESIDUAL_LOSSES, DRDDSchedule, ddim_p_losses, noise_p_losses, residual_p_losses
 from drdd_med.inferers import DRDDInferer
 from drdd_med.networks import RecordedModel
 from drdd_med.transforms import CT_HU_RANGE, NormalizeHU
 
-STAGES = ("residual", "noise", "regression")
-STAGE_DATA = {"residual": "paired", "noise": "pool", "regression": "paired"}  # which loader trains each stage
+STAGES = ("residual", "noise", "denoise", "regression")
+STAGE_DATA = {"residual": "paired", "noise": "pool", "denoise": "paired", "regression": "paired"}  # each stage's loader
 
 
 class StageBatches:
@@ -70,19 +70,21 @@ def autocast_context(device: torch.device, precision: str):
 class DRDDTrainer(Trainer):
     """Train each configured stage of a model one step per iteration.
 
-    DRDD: the residual stage on pairs and the noise stage on the target pool. Regression baseline:
-    the ``"regression"`` stage, an L1 loss between the U-Net's prediction from ``source[, context]``
-    and the target, on pairs.
+    DRDD: the residual stage on pairs and the noise stage on the target pool. Conditional-diffusion
+    baseline: the ``"denoise"`` stage, a DDPM noise-prediction loss conditioned on ``source[, context]``,
+    on pairs. Regression baseline: the ``"regression"`` stage, an L1 loss between the U-Net's
+    prediction from ``source[, context]`` and the target, on pairs.
 
     Args:
-        network: the model (``DRDDNetworks`` or ``RegressionNetworks``).
-        residual_optimizer / noise_optimizer / regression_optimizer: optimizers of the network of that
-            stage (``None`` for a stage not trained in this run).
+        network: the model (``DRDDNetworks``, ``ConditionalDiffusionNetworks`` or ``RegressionNetworks``).
+        residual_optimizer / noise_optimizer / denoise_optimizer / regression_optimizer: optimizers of the
+            network of that stage (``None`` for a stage not trained in this run).
         paired_loader / pool_loader: loaders of patch dictionaries (``source``, ``target``, ``mask``
             / ``target``); the source carries the 2.5D context channels after its image channels.
         stages: which of the model's stages train (default all; DRDD: "residual", "noise" or both).
         grad_clip: max gradient norm per network (the reference's 1.0).
         precision: "bf16" (autocast on CUDA; CPU stays fp32) or "fp32".
+        residual_loss: the residual stage's loss, "l2" (the method) or "l1" (see ``residual_p_losses``).
     """
 
     def __init__(
@@ -102,6 +104,8 @@ class DRDDTrainer(Trainer):
         train_handlers: Sequence | None = None,
         non_blocking: bool = False,
         regression_optimizer: torch.optim.Optimizer | None = None,
+        residual_loss: str = "l2",
+        denoise_optimizer: torch.optim.Optimizer | None = None,
     ):
         requested = tuple(network.stages if stages is None else stages)
         unknown = set(requested) - set(network.stages)
@@ -109,7 +113,8 @@ class DRDDTrainer(Trainer):
             raise ValueError(f"stages must be a non-empty subset of the {network.method} model's stages "
                              f"{network.stages}, got {requested}")
         stages = tuple(s for s in network.stages if s in requested)  # the model's order: same random draws
-        optimizers = {"residual": residual_optimizer, "noise": noise_optimizer, "regression": regression_optimizer}
+        optimizers = {"residual": residual_optimizer, "noise": noise_optimizer, "denoise": denoise_optimizer,
+                      "regression": regression_optimizer}
         loaders = {"paired": paired_loader, "pool": pool_loader}
         for stage in stages:
             data = STAGE_DATA[stage]
@@ -119,6 +124,8 @@ class DRDDTrainer(Trainer):
         used = {STAGE_DATA[stage] for stage in stages}
         batches = StageBatches(*(loaders[d] if d in used else None for d in ("paired", "pool")))
         autocast_context(device, precision)  # validates the name early
+        if residual_loss not in RESIDUAL_LOSSES:
+            raise ValueError(f"residual_loss must be one of {sorted(RESIDUAL_LOSSES)}, got {residual_loss!r}")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -132,13 +139,15 @@ class DRDDTrainer(Trainer):
         self.residual_optimizer = residual_optimizer
         self.noise_optimizer = noise_optimizer
         self.regression_optimizer = regression_optimizer
+        self.denoise_optimizer = denoise_optimizer
         self.optimizers = {stage: optimizers[stage] for stage in stages}
         self.stages = stages
         self.schedule = schedule or DRDDSchedule()
-        if hasattr(network, "schedule"):  # DRDD: the model record keeps the schedule it is trained with
+        if hasattr(network, "schedule"):  # diffusion: the model record keeps the schedule it is trained with
             network.schedule = self.schedule.settings()
         self.grad_clip = grad_clip
         self.precision = precision
+        self.residual_loss = residual_loss
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return convert_to_tensor(tensor, track_meta=False).to(self.state.device, non_blocking=self.non_blocking)
@@ -173,7 +182,8 @@ class DRDDTrainer(Trainer):
         channels = self.network.image_channels
         source, target = self._source_target(paired)
         context = source[:, channels:] if source.shape[1] > channels else None
-        return residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context)
+        return residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context,
+                                 loss=self.residual_loss)
 
     def _noise_loss(self, pool: dict) -> torch.Tensor:
         target = self._to_device(pool["target"])
@@ -182,13 +192,17 @@ class DRDDTrainer(Trainer):
             condition = self._to_device(pool["source"])[:, :self.network.image_channels]
         return noise_p_losses(self.schedule, self.network.noise, target, condition)
 
+    def _denoise_loss(self, paired: dict) -> torch.Tensor:
+        source, target = self._source_target(paired)  # the condition: the source with its context channels
+        return ddim_p_losses(self.schedule, self.network.denoise, source, target)
+
     def _regression_loss(self, paired: dict) -> torch.Tensor:
         source, target = self._source_target(paired)  # the source's context channels are U-Net inputs too
         return F.l1_loss(self.network(source), target)
 
 
 class DRDDEvaluator(Evaluator):
-    """Translate whole volumes with the inferer (DRDD's sampler, or one pass of a regression model); output HU.
+    """Translate whole volumes with the inferer (a diffusion sampler, or one pass of a regression model); output HU.
 
     Each batch holds one case: ``source`` (normalised, a MetaTensor carrying the source grid), and
     optionally ``target`` (reference CT in HU, not normalised) and ``mask``. The output dict has
@@ -226,8 +240,8 @@ class DRDDEvaluator(Evaluator):
         autocast_context(device, precision)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
-        # the model record keeps the sampler a DRDD model was last validated with (the one to use it with)
-        if self.network.method == "drdd":
+        # the model record keeps the sampler a diffusion model was last validated with (the one to use it with)
+        if self.network.method != "regression":
             self.network.validation_sampler = self.inferer.sampler.settings()
         if batchdata["source"].shape[0] != 1:
             raise ValueError("the evaluator reads one whole volume per batch (batch_size=1)")

@@ -1,4 +1,4 @@
-"""Translation of whole volumes, as a MONAI ``Inferer``: DRDD sampling, or one pass of a regression model.
+"""Translation of whole volumes, as a MONAI ``Inferer``: DRDD or DDIM sampling, or one pass of a regression model.
 
 - 2D / 2.5D models: the volume ``(1, C, X, Y, Z)`` is cut into axial slices (last axis), sampled in
   batches of ``slice_batch_size`` and stacked back. 2.5D models get ``k − 1`` neighbouring source
@@ -7,9 +7,11 @@
   denoising step* (each step predicts over the whole volume, blended, before ``x`` is updated), so
   patches share one trajectory and no seams appear.
 
-A regression model (``RegressionNetworks``) goes through the same slicing, padding and 2.5D context
-building, with one network call in place of the sampler (in 3D: MONAI's sliding window once), so
-every bundle runs either method through this one inferer.
+The conditional-diffusion baseline (``ConditionalDiffusionNetworks``) runs its ``DDIMSampler`` the
+same way: each model names which of its networks read which condition, and the sampler takes them
+in that order. A regression model (``RegressionNetworks``) goes through the same slicing, padding
+and 2.5D context building, with one network call in place of the sampler (in 3D: MONAI's sliding
+window once), so every bundle runs any method through this one inferer.
 
 Inputs and outputs are normalised to ``[−1, 1]``; mapping to HU is the caller's (see
 ``NormalizeHU.to_hu``). The sampling noise of a whole volume is drawn once per call on the CPU from
@@ -24,16 +26,17 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 
-from drdd_med.diffusion import DRDDSampler, DRDDSchedule, network_fns
+from drdd_med.diffusion import DDIMSampler, DRDDSampler, DRDDSchedule
 from drdd_med.networks import RecordedModel
 
 
 class DRDDInferer(Inferer):
-    """Translate a normalised source volume with a ``DRDDNetworks`` or ``RegressionNetworks`` model.
+    """Translate a normalised source volume with a DRDD, conditional-diffusion or regression model.
 
     Args:
-        sampler: the DRDD sampler (steps, η, start scale); default ``DRDDSampler(DRDDSchedule())``.
-            A regression model takes no steps and ignores it.
+        sampler: the sampler of the model's method: ``DRDDSampler`` (steps, η, start scale; the
+            default ``DRDDSampler(DRDDSchedule())``) for DRDD, ``DDIMSampler`` for the conditional
+            diffusion baseline. A regression model takes no steps and ignores it.
         slice_batch_size: slices per network call for 2D models.
         roi_size: sliding-window patch size for 3D models (``None``: the whole volume at once).
         sw_batch_size, overlap, mode: sliding-window options (MONAI's), for 3D models.
@@ -43,7 +46,7 @@ class DRDDInferer(Inferer):
 
     def __init__(
         self,
-        sampler: DRDDSampler | None = None,
+        sampler: DRDDSampler | DDIMSampler | None = None,
         slice_batch_size: int = 32,
         roi_size: Sequence[int] | None = None,
         sw_batch_size: int = 4,
@@ -70,6 +73,9 @@ class DRDDInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: RecordedModel, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[0] != 1:
             raise ValueError(f"expected one source volume (1, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        if network.method != "regression" and self.sampler.method != network.method:
+            raise ValueError(f"a {network.method} model needs its own sampler, not the {self.sampler.method} "
+                             f"one ({type(self.sampler).__name__})")
         inputs = torch.as_tensor(inputs)  # plain tensor: metadata stays with the caller
         if network.spatial_dims == 2:
             return self._translate_slices(inputs, network)
@@ -115,10 +121,10 @@ class DRDDInferer(Inferer):
         noise = self._noise(shape)
 
         def sample(source, context, index):
-            residual_fn, noise_fn = network_fns(network.residual, network.noise, source, context,
-                                                network.noise_conditional)
+            conditions = _conditions(source, context)
+            fns = [_conditioned(net, conditions[kind]) for net, kind in network.conditioned_networks()]
             draws = [z[index.cpu()].to(source.device, source.dtype) for z in noise]
-            return self.sampler.sample(source, residual_fn, noise_fn, noise=draws)
+            return self.sampler.sample(source, *fns, noise=draws)
 
         return sample
 
@@ -146,10 +152,10 @@ class DRDDInferer(Inferer):
                 )
             return fn
 
-        residual_fn = windowed(network.residual, padded)
-        noise_fn = windowed(network.noise, padded if network.noise_conditional else None)
+        conditions = _conditions(padded, None)  # 3D models have no context slices
+        fns = [windowed(net, conditions[kind]) for net, kind in network.conditioned_networks()]
         noise = [z.to(volume.device, volume.dtype) for z in self._noise(padded.shape)]
-        out = self.sampler.sample(padded, residual_fn, noise_fn, noise=noise)
+        out = self.sampler.sample(padded, *fns, noise=noise)
         return out[(..., *[slice(0, s) for s in spatial])]
 
     def _regress_volume(self, volume: torch.Tensor, network: RecordedModel) -> torch.Tensor:
@@ -158,6 +164,20 @@ class DRDDInferer(Inferer):
         padded, roi = self._padded_volume(volume, network)
         out = sliding_window_inference(padded, roi, self.sw_batch_size, network, overlap=self.overlap, mode=self.mode)
         return out[(..., *[slice(0, s) for s in spatial])]
+
+
+def _conditions(source: torch.Tensor, context: torch.Tensor | None) -> dict:
+    """What each kind of condition of ``ScheduledModel.conditioned_networks`` is, for one batch."""
+    return {"source+context": source if context is None else torch.cat([source, context], dim=1),
+            "source": source, None: None}
+
+
+def _conditioned(net, condition: torch.Tensor | None):
+    """``net`` as the samplers call it, ``fn(x, τ)``, reading ``concat(x, condition)``."""
+    def fn(x, tau):
+        return net(x if condition is None else torch.cat([x, condition], dim=1), tau)
+
+    return fn
 
 
 def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:

@@ -8,6 +8,10 @@ DRDD (``DRDDNetworks``): two networks built from MONAI's ``DiffusionModelUNet`` 
 
 Both take a float time ``τ`` per item, as the method defines it.
 
+Conditional-diffusion baseline (``ConditionalDiffusionNetworks``, method ``"cddim"``): one
+``DiffusionModelUNet`` of the residual network's size and inputs, ``concat(y_t, source[, context])``,
+predicting the noise of a standard DDPM, sampled with DDIM (``drdd_med.diffusion.DDIMSampler``).
+
 Regression baseline (``RegressionNetworks``): one MONAI ``BasicUNet`` mapping ``source[, context]``
 straight to the target, trained with an L1 loss. It is what DRDD has to beat (SynthRAD winners were
 regression U-Nets), so it trains, saves and translates through the same engines and inferer.
@@ -197,7 +201,30 @@ class RecordedModel(torch.nn.Module):
         self.record = state.get("record") or {}
 
 
-class DRDDNetworks(RecordedModel):
+class ScheduledModel(RecordedModel):
+    """A diffusion model: its record also keeps the schedule it was trained with (``schedule``, set by
+    ``DRDDTrainer``), since sampling must use the same one; and it names which of its networks see
+    which condition (``conditioned_networks``), so the inferer can bind them in 2D and 3D alike.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule: dict | None = None
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "schedule": self.schedule}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.schedule = state.get("schedule")
+
+    def conditioned_networks(self) -> list[tuple[torch.nn.Module, str | None]]:
+        """``(network, condition)`` in the order the sampler takes them; condition ``"source+context"``,
+        ``"source"`` (the image channels only) or ``None``; each network reads ``concat(x, condition)``."""
+        raise NotImplementedError
+
+
+class DRDDNetworks(ScheduledModel):
     """The residual and noise networks of one DRDD model, saved and loaded as one state dict.
 
     ``residual`` and ``noise`` are keyword dicts for ``build_drdd_network`` (sizes, attention...).
@@ -226,14 +253,6 @@ class DRDDNetworks(RecordedModel):
         context_channels = image_channels * (context_slices - 1)
         self.residual = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(residual or {}))
         self.noise = build_drdd_network("noise", spatial_dims, image_channels, conditional=noise_conditional, **(noise or {}))
-        self.schedule: dict | None = None
-
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "schedule": self.schedule}
-
-    def set_extra_state(self, state: dict) -> None:
-        super().set_extra_state(state)
-        self.schedule = state.get("schedule")
 
     @classmethod
     def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
@@ -251,6 +270,43 @@ class DRDDNetworks(RecordedModel):
     def stages_run_by(self, sampler) -> list[str]:
         """The residual stage always; the noise stage when the sampler takes noise steps."""
         return ["residual"] + (["noise"] if sampler.noise_steps else [])
+
+    def conditioned_networks(self) -> list[tuple[torch.nn.Module, str | None]]:
+        return [(self.residual, "source+context"), (self.noise, "source" if self.noise_conditional else None)]
+
+
+class ConditionalDiffusionNetworks(ScheduledModel):
+    """The conditional-diffusion baseline: one ``DiffusionModelUNet`` predicting a DDPM's noise from
+    ``concat(y_t, source[, context])``, trained on pairs as the stage ``"denoise"``.
+
+    ``denoise`` holds ``build_drdd_network`` keyword arguments; presets give it the DRDD residual
+    network's size, so the two methods compare networks of one size and cost per evaluation.
+    """
+
+    method = "cddim"
+    stages = ("denoise",)
+
+    def __init__(self, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
+                 denoise: dict | None = None, record: dict | None = None):
+        super().__init__(spatial_dims, image_channels, context_slices, record, denoise=denoise or {})
+        context_channels = image_channels * (context_slices - 1)
+        # the residual network's inputs: the noisy image, then the source and its context
+        self.denoise = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(denoise or {}))
+
+    @classmethod
+    def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
+                    record: dict | None = None) -> "ConditionalDiffusionNetworks":
+        """The denoising network, sized as the DRDD residual network of the named preset of ``PRESETS``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown network preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(spatial_dims, image_channels, context_slices, dict(PRESETS[name]["residual"]), record=record)
+
+    @property
+    def size_divisor(self) -> int:
+        return 2 ** len(self.denoise.block_out_channels) // 2
+
+    def conditioned_networks(self) -> list[tuple[torch.nn.Module, str | None]]:
+        return [(self.denoise, "source+context")]
 
 
 # Regression U-Net sizes by the names of ``PRESETS``: ``cpu-demo`` (2.8 M parameters, 0.87 GFLOP per
@@ -305,13 +361,17 @@ class RegressionNetworks(RecordedModel):
         return self.regression(inputs)
 
 
-MODEL_CLASSES: dict[str, type[RecordedModel]] = {"drdd": DRDDNetworks, "regression": RegressionNetworks}
+MODEL_CLASSES: dict[str, type[RecordedModel]] = {
+    "drdd": DRDDNetworks, "cddim": ConditionalDiffusionNetworks, "regression": RegressionNetworks,
+}
 
 
 def _describe(architecture: dict) -> str:
     architecture = _with_method(architecture)
     if architecture["method"] == "drdd":
         name, values = "residual channels", architecture["residual"].get("channels", [])
+    elif architecture["method"] == "cddim":
+        name, values = "denoising network channels", architecture["denoise"].get("channels", [])
     else:
         name, values = "features", architecture.get("network", {}).get("features", [])
     sizes = f"{name} {'/'.join(str(v) for v in values) or 'default'}"
@@ -394,7 +454,7 @@ def load_weights(network: torch.nn.Module, path, key: str | None = None, map_loc
 def load_model(path, map_location="cpu", key: str | None = None, sampler=None, **expected) -> RecordedModel:
     """The model saved in ``path`` (DRDD or regression), built from its own model record (no size flags needed).
 
-    ``sampler`` (a ``DRDDSampler``) is checked against the stages the model was trained for: a
+    ``sampler`` (``DRDDSampler`` or ``DDIMSampler``) is checked against the stages the model was trained for: a
     sampler that runs a stage never trained is refused, since that network would return its
     initialisation (for the noise stage: an output still carrying σ ≈ 1 of noise). A regression
     model takes no sampler steps, so only its one stage is checked. ``expected`` holds config values
@@ -426,7 +486,10 @@ def load_model(path, map_location="cpu", key: str | None = None, sampler=None, *
 
 
 def check_sampler(model: RecordedModel, sampler, name: str = "model") -> None:
-    """Refuse to translate with ``sampler`` when it runs a stage ``model`` was never trained for."""
+    """Refuse to translate with ``sampler`` when it is another method's, or runs a stage ``model`` never trained."""
+    if model.method != "regression" and sampler.method != model.method:
+        raise DRDDInputError(f"{name}: a {model.method} model cannot be sampled with the {sampler.method} "
+                             f"sampler ({type(sampler).__name__}); configure the sampler of its method")
     trained_with = getattr(model, "schedule", None)
     if trained_with is not None and trained_with != sampler.schedule.settings():
         raise DRDDInputError(

@@ -1,7 +1,8 @@
 """Train each method for the same wall-clock budget through a bundle's configs and score the held-out cases.
 
-Every method trains through the bundle's own ``train.json`` (the regression U-Net with
-``configs/regression_unet.json`` layered on it, as a user would), on one split (``--num-validation``
+Every method trains through the bundle's own ``train.json`` (the baselines with their fragment
+layered on it, as a user would: ``configs/conditional_ddim.json`` for the conditional DDIM,
+``configs/regression_unet.json`` for the regression U-Net), on one split (``--num-validation``
 cases held out with ``--seed``), with validation off, until its training steps have taken
 ``--budget-seconds`` (``TrainingBudget``). The bundle's ``inference.json`` then translates the
 held-out cases from the final EMA weights, once per DRDD sampler variant (``--sampler``), and the
@@ -46,8 +47,9 @@ from drdd_med.metrics.functional import synthrad2023_mae, synthrad2023_psnr, syn
 
 ROOT = Path(__file__).resolve().parents[1]
 # config fragments layered on the bundle's configs, per method (MONAI's list form of --config_file)
-METHODS = {"drdd": [], "regression": [ROOT / "configs" / "regression_unet.json"]}
-# DRDD sampler variants by name; a regression model takes no sampler
+METHODS = {"drdd": [], "cddim": [ROOT / "configs" / "conditional_ddim.json"],
+           "regression": [ROOT / "configs" / "regression_unet.json"]}
+# DRDD sampler variants by name; the baselines run their own config's sampler (or none)
 SAMPLERS = {
     "default": {},
     "residual_only": {"noise_steps": 0, "start_scale": 0.0},

@@ -1,12 +1,16 @@
-"""The DRDD method against the oracle properties and coefficients of the method page."""
+"""The DRDD method against the oracle properties and coefficients of the method page; the
+conditional-DDIM baseline against the same kind of oracle."""
 
 import pytest
 import torch
 
 from drdd_med.diffusion import (
+    DDIMSampler,
     DRDDSampler,
     DRDDSchedule,
     NoiseDraws,
+    ddim_p_losses,
+    ddim_q_sample,
     noise_p_losses,
     noise_q_sample,
     residual_p_losses,
@@ -223,3 +227,75 @@ def test_a_lower_fixed_noise_level_moves_the_residual_stage_and_the_noise_stage_
     with pytest.raises(ValueError, match="fixed_noise_step"):
         DRDDSchedule(fixed_noise_step=1000)
     assert DRDDSampler(schedule).settings()["fixed_noise_step"] == 200
+
+
+def test_residual_loss_l1_is_the_mean_absolute_residual_error(schedule):
+    y, x_in, _ = _images((8, 8))
+    y, x_in = y.float(), x_in.float()
+    zero = lambda inp, tau: torch.zeros_like(y)  # noqa: E731
+    assert residual_p_losses(schedule, zero, x_in, y, loss="l1").item() == pytest.approx(
+        (x_in - y).abs().mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        residual_p_losses(schedule, zero, x_in, y, loss="huber")
+
+
+# --- conditional DDIM (the conditional-diffusion baseline) ----------------------------------------
+
+
+def ddim_oracle(schedule, y):
+    """``ε̂ = (x − sqrt(ᾱ_t) y) / sqrt(1 − ᾱ_t)`` at the integer time ``t`` the network is given."""
+
+    def oracle(x, t):
+        alpha_bar = schedule.alphas_cumprod[t.long()].reshape(-1, *[1] * (x.ndim - 1))
+        return (x - alpha_bar.sqrt() * y) / (1 - alpha_bar).sqrt()
+
+    return oracle
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("steps", [1, 2, 4, 10])
+def test_ddim_oracle_sampler_ends_at_the_clean_target(schedule, steps, eta):
+    y, x_in, _ = _images((6, 5))
+    out = DDIMSampler(schedule, steps, eta).sample(x_in, ddim_oracle(schedule, y), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, y, rtol=0, atol=1e-9)
+    wrong = DDIMSampler(schedule, steps, eta).sample(x_in, ddim_oracle(schedule, 0.5 * y))
+    assert (wrong - y).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_steps_are_the_textbook_update(schedule, eta):
+    """Two steps written out (ε̂ from a fixed linear network), on the (999, 499), (499, −1) grid, clip on."""
+    y, z, z1 = _images((4, 4))
+    net = lambda x, t: 0.3 * x - 1e-4 * t.reshape(-1, 1, 1, 1)  # noqa: E731
+    out = DDIMSampler(schedule, steps=2, eta=eta).sample(y, net, noise=[z, z1] if eta else [z])
+    ab = schedule.alphas_cumprod
+    c = eta * ((1 - ab[499]) / (1 - ab[999]) * (1 - ab[999] / ab[499])).sqrt()
+    x = z
+    e = net(x, torch.full((2,), 999.0, dtype=torch.float64))
+    y_hat = ((x - (1 - ab[999]).sqrt() * e) / ab[999].sqrt()).clamp(-1, 1)
+    x = ab[499].sqrt() * y_hat + (1 - ab[499] - c**2).sqrt() * e + c * z1
+    e = net(x, torch.full((2,), 499.0, dtype=torch.float64))
+    expected = ((x - (1 - ab[499]).sqrt() * e) / ab[499].sqrt()).clamp(-1, 1)
+    torch.testing.assert_close(out, expected)
+    assert DDIMSampler(schedule, 4).num_noise_draws == 1 and DDIMSampler(schedule, 4, eta=1.0).num_noise_draws == 4
+
+
+def test_ddim_loss_feeds_the_noisy_target_with_its_condition_at_time_t(schedule):
+    y, x_in, _ = _images((8, 8))
+    y, x_in = y.float(), x_in.float()
+    seen = []
+
+    def oracle(inp, t):  # recovers ε from the noisy target channel: wrong coefficients or time give a loss
+        seen.append((inp, t))
+        alpha_bar = schedule.alphas_cumprod[t.long()].float().reshape(-1, 1, 1, 1)
+        return (inp[:, :1] - alpha_bar.sqrt() * y) / (1 - alpha_bar).sqrt()
+
+    assert ddim_p_losses(schedule, oracle, x_in, y).item() < 1e-6
+    torch.testing.assert_close(seen[0][0][:, 1:], x_in)  # the condition follows the noisy target
+    g = torch.Generator().manual_seed(0)
+    assert 0.5 < ddim_p_losses(schedule, lambda inp, t: torch.zeros_like(y), x_in, y, g).item() < 1.5
+    t = torch.tensor([0, 999])
+    eps = torch.randn_like(y)
+    torch.testing.assert_close(ddim_q_sample(schedule, y, t, eps)[1],
+                               (schedule.alphas_cumprod[999].sqrt() * y[1] + (1 - schedule.alphas_cumprod[999]).sqrt()
+                                * eps[1]).float())

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from drdd_med.diffusion import DRDDSchedule
+from drdd_med.diffusion import DRDDSchedule, ddim_p_losses, residual_p_losses
 from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, ensure_new_run
 from drdd_med.errors import OutputExistsError
 from drdd_med.handlers import EMAHandler, MaskedMAEHandler
 from drdd_med.inferers import DRDDInferer
-from drdd_med.networks import DRDDNetworks, RegressionNetworks
+from drdd_med.networks import ConditionalDiffusionNetworks, DRDDNetworks, RegressionNetworks, seeded_initialisation
 
 
 def _paired(n=3):
@@ -199,3 +199,38 @@ def test_evaluator_translates_with_a_regression_model_and_records_no_sampler():
     expected_hu = evaluator.to_hu.to_hu(expected).clamp(*evaluator.to_hu.hu_range)
     torch.testing.assert_close(pred, expected_hu, rtol=0, atol=0.01)
     assert model.validation_sampler is None  # a sampler never ran: the record must not claim one
+
+
+def test_trainer_trains_the_conditional_ddim_denoiser_on_source_and_context():
+    model = seeded_initialisation(ConditionalDiffusionNetworks.from_preset("tiny", context_slices=3), 1)
+    initial = copy.deepcopy(model)
+    paired = _paired_with_context()
+    trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["denoise"],
+                          denoise_optimizer=torch.optim.Adam(model.parameters(), 1e-3))
+    first = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: first.append(e.state.output))
+    torch.manual_seed(7)
+    trainer.run()
+    torch.manual_seed(7)  # the same draws of t and ε: the first loss is the DDPM loss of the initial network
+    expected = ddim_p_losses(trainer.schedule, initial.denoise, paired[0]["source"], paired[0]["target"])
+    assert first[0]["loss_denoise"] == pytest.approx(float(expected), rel=1e-5)
+    assert set(trainer.state.output) == {"loss", "loss_denoise"}
+    assert any(not torch.equal(initial.state_dict()[k], v) for k, v in model.state_dict().items() if torch.is_tensor(v))
+    assert model.trained_iterations == {"denoise": 6} and model.schedule == DRDDSchedule().settings()
+
+
+def test_trainer_trains_the_residual_stage_with_the_chosen_loss():
+    model = seeded_initialisation(DRDDNetworks.from_preset("tiny"), 1)
+    paired = [{k: F.interpolate(v, size=(32, 32)) for k, v in batch.items()} for batch in _paired(1)]
+    schedule = DRDDSchedule()
+    for loss in ("l2", "l1"):
+        trainer = DRDDTrainer("cpu", 1, copy.deepcopy(model), paired_loader=paired, stages=["residual"],
+                              residual_optimizer=torch.optim.SGD(model.parameters(), 0.0), residual_loss=loss)
+        torch.manual_seed(3)
+        trainer.run()
+        torch.manual_seed(3)
+        expected = residual_p_losses(schedule, model.residual, paired[0]["source"], paired[0]["target"], loss=loss)
+        assert trainer.state.output["loss_residual"] == pytest.approx(float(expected), rel=1e-5), loss
+    with pytest.raises(ValueError, match="residual_loss must be one of"):
+        DRDDTrainer("cpu", 1, model, paired_loader=paired, stages=["residual"],
+                    residual_optimizer=torch.optim.SGD(model.parameters(), 0.0), residual_loss="l3")

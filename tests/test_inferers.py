@@ -1,5 +1,6 @@
 """DRDDInferer: whole volumes slice by slice (2D, 2.5D) and with a sliding window inside each step (3D);
-regression models through the same slicing, padding and context, in one pass.
+the conditional-DDIM baseline with its own sampler, regression models in one pass, through the same
+slicing, padding and context.
 
 Networks here have real outputs (``real_networks``) or are spies that record what the sampler feeds
 them; MONAI's untrained networks return 0 and would let a zeroed prediction or a wrong time pass.
@@ -9,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drdd_med.diffusion import DRDDSampler, DRDDSchedule
+from drdd_med.diffusion import DDIMSampler, DRDDSampler, DRDDSchedule
 from drdd_med.inferers import DRDDInferer
-from drdd_med.networks import DRDDNetworks, RegressionNetworks
+from drdd_med.networks import ConditionalDiffusionNetworks, DRDDNetworks, RegressionNetworks, seeded_initialisation
 from drdd_med.transforms import RandPairedPatch
 
 SCHEDULE = DRDDSchedule()
@@ -42,6 +43,9 @@ class SpyNetworks(torch.nn.Module):
             return 0.5 * inp + 1e-4 * tau.reshape(-1, *[1] * (inp.ndim - 1))
 
         self.residual, self.noise = residual, noise
+
+    def conditioned_networks(self):
+        return [(self.residual, "source+context"), (self.noise, None)]
 
 
 def test_2d_sample_is_the_method_computed_by_hand(real_networks):
@@ -232,3 +236,40 @@ def test_regression_3d_uses_one_sliding_window_pass():
     assert (windowed - whole).abs().mean() < (whole - volume).abs().mean()  # windows approximate the whole pass
     with pytest.raises(ValueError, match="multiple of 16"):
         DRDDInferer(roi_size=(24, 24, 24))(volume, net)
+
+
+# --- the conditional-DDIM baseline through the same inferer ---------------------------------------
+
+
+def _real_cddim(context_slices=1):
+    return seeded_initialisation(ConditionalDiffusionNetworks.from_preset("tiny", context_slices=context_slices), 3).eval()
+
+
+def test_conditional_ddim_sample_is_ddim_on_each_slice_with_source_and_context():
+    """2.5D, real networks: the inferer equals DDIMSampler run by hand on each slice's [x, source, context]."""
+    net = _real_cddim(context_slices=3)
+    volume = torch.rand(1, 1, 16, 12, 4) * 2 - 1
+    sampler = DDIMSampler(SCHEDULE, steps=4)
+    with torch.no_grad():
+        out = DRDDInferer(sampler, slice_batch_size=3, seed=2)(volume, net)
+        start = torch.randn((1, 4, 1, 16, 12), generator=torch.Generator().manual_seed(2))[0]  # (Z, C, X, Y)
+        source = volume[0].movedim(-1, 0)
+        depth = source.shape[0]
+        context = torch.cat([source[(torch.arange(depth) + d).clamp(0, depth - 1)] for d in (-1, 1)], 1)
+        condition = torch.cat([source, context], 1)
+        expected = sampler.sample(source, lambda x, t: net.denoise(torch.cat([x, condition], 1), t), noise=[start])
+    expected = expected.movedim(0, -1)[None]
+    assert (expected - start.movedim(0, -1)[None]).abs().mean() > 0.05
+    # batched convolutions round differently; the first step divides by sqrt(ᾱ_999) ≈ 0.0064, 156× over
+    torch.testing.assert_close(out, expected, rtol=0, atol=5e-4)
+    with torch.no_grad():
+        blind = sampler.sample(source, lambda x, t: net.denoise(torch.cat([x, 0 * condition], 1), t), noise=[start])
+    assert (blind.movedim(0, -1)[None] - out).abs().mean() > 1e-3  # the condition reaches the network
+
+
+def test_a_model_is_refused_with_another_methods_sampler():
+    volume = torch.rand(1, 1, 8, 8, 2)
+    with pytest.raises(ValueError, match="a cddim model needs its own sampler, not the drdd one"):
+        DRDDInferer(DRDDSampler(SCHEDULE))(volume, _real_cddim())
+    with pytest.raises(ValueError, match="a drdd model needs its own sampler, not the cddim one"):
+        DRDDInferer(DDIMSampler(SCHEDULE))(volume, DRDDNetworks.from_preset("tiny"))

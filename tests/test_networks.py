@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from drdd_med.errors import DRDDInputError
-from drdd_med.diffusion import DRDDSampler, DRDDSchedule
+from drdd_med.diffusion import DDIMSampler, DRDDSampler, DRDDSchedule
 from drdd_med.networks import (
     PRESETS,
     REGRESSION_PRESETS,
+    ConditionalDiffusionNetworks,
     DRDDNetworks,
     RegressionNetworks,
     build_drdd_network,
@@ -234,3 +235,21 @@ def test_a_sampler_with_another_fixed_noise_level_than_training_is_refused(tmp_p
     assert loaded.schedule["fixed_noise_step"] == 50
     with pytest.raises(DRDDInputError, match="trained with fixed_noise_step 50.*sample with fixed_noise_step 50"):
         load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule()))
+
+
+def test_conditional_ddim_model_is_sized_as_the_residual_network_and_reloads_from_its_record(tmp_path):
+    model = ConditionalDiffusionNetworks.from_preset("tiny", context_slices=3)
+    residual = DRDDNetworks.from_preset("tiny", context_slices=3).residual
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in residual.parameters())
+    model.trained_iterations["denoise"] = 4
+    model.schedule = DRDDSchedule().settings()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = load_model(tmp_path / "model.pt", sampler=DDIMSampler(DRDDSchedule()), context_slices=3)
+    assert isinstance(loaded, ConditionalDiffusionNetworks) and loaded.trained_iterations == {"denoise": 4}
+    assert loaded.architecture["denoise"]["channels"] == list(PRESETS["tiny"]["residual"]["channels"])
+    with pytest.raises(DRDDInputError, match="model.pt: a cddim model cannot be sampled with the drdd sampler"):
+        load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule()))
+    model.trained_iterations["denoise"] = 0
+    torch.save(model.state_dict(), tmp_path / "untrained.pt")
+    with pytest.raises(DRDDInputError, match="runs the denoise stage, which this model never trained"):
+        load_model(tmp_path / "untrained.pt", sampler=DDIMSampler(DRDDSchedule()))

@@ -170,6 +170,32 @@ def test_regression_fragment_inference_writes_synthetic_ct(trained_regression):
         assert values.min() >= -1024 and values.max() <= 3000 and values.std() > 0
 
 
+# --- the conditional-DDIM baseline: configs/conditional_ddim.json layered on the same bundle --------
+
+CDDIM = "configs/conditional_ddim.json"
+
+
+def test_conditional_ddim_fragment_trains_and_translates_through_the_bundle(tmp_path):
+    # two epochs: enough iterations for the EMA (every 10) to follow the training, as model.pt holds it
+    bundle_run("training", "--config_file", f"['{TRAIN}','{CDDIM}']", "--bundle_root", str(tmp_path),
+               "--max_epochs", "2", "--val_interval", "2", *FAST)
+    record = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["_extra_state"]
+    assert record["architecture"]["method"] == "cddim" and record["trained_iterations"]["denoise"] > 0
+    assert record["validation_sampler"]["sampler"] == "ddim" and record["validation_sampler"]["steps"] == 4
+    assert {"denoise_optimizer", "network_ema"} <= set(torch.load(tmp_path / "models" / "checkpoint_final.pt",
+                                                                   weights_only=True))
+    bundle_run("run", "--config_file", f"['{INFER}','{CDDIM}']", "--bundle_root", str(tmp_path), *HELD_OUT)
+    cases = sorted(p.name for p in (tmp_path / "eval").iterdir())
+    assert len(cases) == 2
+    sct = nib.load(tmp_path / "eval" / cases[0] / "sct.nii.gz")
+    assert sct.get_data_dtype() == np.int16 and np.asarray(sct.dataobj).std() > 0
+    # the DRDD inference config alone refuses the model instead of sampling it with the wrong method
+    log = bundle_run("run", "--config_file", INFER, "--bundle_root", str(tmp_path), "--output_dir",
+                     str(tmp_path / "other"), *HELD_OUT, expect_ok=False)
+    assert "model.pt: a cddim model cannot be sampled with the drdd sampler" in log
+    assert not (tmp_path / "other").exists()
+
+
 # --- bad input through the training pipeline: clear errors naming the case, nothing written -------
 
 
