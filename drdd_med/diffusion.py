@@ -12,8 +12,9 @@ Sections follow the method page (docs: ``drdd_method.md``):
 4. Sampler: ``S_r`` deterministic residual steps, then ``S_n`` DDIM-style (variance-exploding)
    noise steps, with ``η`` and a start scale.
 5. The conditional-diffusion baseline (not DRDD): a standard variance-preserving DDPM whose network
-   sees ``concat(y_t, x_in)`` and predicts ``ε``, sampled with DDIM from pure noise in as many
-   evaluations as the DRDD sampler takes. It shares the schedule's ``β_t``/``ᾱ_t`` tables.
+   sees ``concat(y_t, x_in)`` and predicts ``ε`` or the clean image ``y`` (``prediction``), sampled
+   with DDIM from pure noise in as many evaluations as the DRDD sampler takes. It shares the
+   schedule's ``β_t``/``ᾱ_t`` tables.
 
 Images are tensors ``(B, C, *spatial)`` for any number of spatial dimensions. Networks enter only as
 callables, so the same sampler drives a plain network, a slice-wise 2D model over a volume, or a
@@ -356,29 +357,44 @@ def ddim_q_sample(schedule: DRDDSchedule, y: torch.Tensor, t: torch.Tensor, nois
     return alpha_bar.sqrt() * y + (1 - alpha_bar).sqrt() * noise
 
 
+DDIM_PREDICTIONS = ("epsilon", "sample")  # what the network predicts: the noise ε or the clean image y
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in DDIM_PREDICTIONS:
+        raise ValueError(f"prediction must be one of {DDIM_PREDICTIONS}, got {prediction!r}")
+
+
 def ddim_p_losses(
     schedule: DRDDSchedule,
     denoiser: Denoiser,
     condition: torch.Tensor,
     y: torch.Tensor,
     generator: torch.Generator | None = None,
+    prediction: str = "epsilon",
 ) -> torch.Tensor:
-    """``E ‖ε_φ(concat(y_t, condition), t) − ε‖²``, ``t`` uniform over ``{0, …, T−1}`` (time input: ``t``)."""
+    """``E ‖f(concat(y_t, condition), t) − ε‖²`` (or ``− y`` for ``prediction="sample"``), ``t`` uniform
+    over ``{0, …, T−1}`` (time input: ``t``)."""
+    _check_prediction(prediction)
     t = schedule.sample_timesteps(y.shape[0], y.device, generator)
     noise = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
-    prediction = denoiser(torch.cat([ddim_q_sample(schedule, y, t, noise), condition], dim=1), t.float())
-    return F.mse_loss(prediction.float(), noise.float())
+    output = denoiser(torch.cat([ddim_q_sample(schedule, y, t, noise), condition], dim=1), t.float())
+    return F.mse_loss(output.float(), (noise if prediction == "epsilon" else y).float())
 
 
 @dataclass
 class DDIMSampler:
     """DDIM (Song et al. 2021) for the conditional baseline: ``steps`` evaluations from pure noise.
 
-    On the grid of ``DRDDSchedule.step_pairs(steps)``, each step estimates
-    ``ŷ = (x − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)``, clipped to the normalised range [−1, 1] (``clip``),
-    then moves to ``x = sqrt(ᾱ_next) ŷ + sqrt(1 − ᾱ_next − c²) ε̂ + c z`` with
+    On the grid of ``DRDDSchedule.step_pairs(steps)``, each step estimates the clean image
+    ``ŷ = (x − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)`` from a network predicting ``ε̂`` (``prediction="epsilon"``)
+    or takes the network's ``ŷ`` (``"sample"``, then ``ε̂ = (x − sqrt(ᾱ_t) ŷ) / sqrt(1 − ᾱ_t)``),
+    clipped to the normalised range [−1, 1] (``clip``), then moves to
+    ``x = sqrt(ᾱ_next) ŷ + sqrt(1 − ᾱ_next − c²) ε̂ + c z`` with
     ``c = η sqrt((1 − ᾱ_next)/(1 − ᾱ_t)) sqrt(1 − ᾱ_t/ᾱ_next)``; the last step outputs ``ŷ``.
-    The ``source`` only gives the shape of the start noise: the condition is bound into ``denoise_fn``.
+    With few steps from pure noise, ``ε`` prediction divides the network's error by ``sqrt(ᾱ_T−1)``
+    ≈ 0.006 in the first step; predicting ``y`` does not. The ``source`` only gives the shape of the
+    start noise: the condition is bound into ``denoise_fn``.
     """
 
     method = "cddim"  # the models it samples (``RecordedModel.method``)
@@ -386,15 +402,18 @@ class DDIMSampler:
     steps: int = 4
     eta: float = 0.0
     clip: bool = True
+    prediction: str = "epsilon"
 
     def __post_init__(self):
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        _check_prediction(self.prediction)
         self.pairs = self.schedule.step_pairs(self.steps)
 
     def settings(self) -> dict:
         """The sampler's settings and schedule as plain values (for a model record or a results file)."""
-        return {"sampler": "ddim", "steps": self.steps, "eta": self.eta, "clip": self.clip, **self.schedule.settings()}
+        return {"sampler": "ddim", "steps": self.steps, "eta": self.eta, "clip": self.clip,
+                "prediction": self.prediction, **self.schedule.settings()}
 
     @property
     def num_noise_draws(self) -> int:
@@ -417,13 +436,16 @@ class DDIMSampler:
         generator: torch.Generator | None = None,
         noise: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """A target-domain image for ``source`` (normalised); ``denoise_fn(x, t)`` returns ``ε̂``."""
+        """A target-domain image for ``source`` (normalised); ``denoise_fn(x, t)`` returns ``ε̂`` or ``ŷ``."""
         draws = NoiseDraws(noise, generator)
         x = draws(source)
         for t, t_next in self.pairs:
             a_t = self._alpha_bar(t)
-            noise_hat = denoise_fn(x, torch.full((x.shape[0],), float(t), device=x.device)).to(x.dtype)
-            y_hat = (x - (1 - a_t) ** 0.5 * noise_hat) / a_t**0.5
+            output = denoise_fn(x, torch.full((x.shape[0],), float(t), device=x.device)).to(x.dtype)
+            if self.prediction == "epsilon":
+                noise_hat, y_hat = output, (x - (1 - a_t) ** 0.5 * output) / a_t**0.5
+            else:
+                noise_hat, y_hat = (x - a_t**0.5 * output) / (1 - a_t) ** 0.5, output
             if self.clip:
                 y_hat = y_hat.clamp(-1, 1)
             if t_next >= 0:  # the grid's last step (t_next = −1) ends at ŷ

@@ -194,7 +194,7 @@ class DRDDTrainer(Trainer):
 
     def _denoise_loss(self, paired: dict) -> torch.Tensor:
         source, target = self._source_target(paired)  # the condition: the source with its context channels
-        return ddim_p_losses(self.schedule, self.network.denoise, source, target)
+        return ddim_p_losses(self.schedule, self.network.denoise, source, target, prediction=self.network.prediction)
 
     def _regression_loss(self, paired: dict) -> torch.Tensor:
         source, target = self._source_target(paired)  # the source's context channels are U-Net inputs too

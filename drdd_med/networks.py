@@ -10,7 +10,8 @@ Both take a float time ``τ`` per item, as the method defines it.
 
 Conditional-diffusion baseline (``ConditionalDiffusionNetworks``, method ``"cddim"``): one
 ``DiffusionModelUNet`` of the residual network's size and inputs, ``concat(y_t, source[, context])``,
-predicting the noise of a standard DDPM, sampled with DDIM (``drdd_med.diffusion.DDIMSampler``).
+predicting the noise or the clean image of a standard DDPM, sampled with DDIM
+(``drdd_med.diffusion.DDIMSampler``).
 
 Regression baseline (``RegressionNetworks``): one MONAI ``BasicUNet`` mapping ``source[, context]``
 straight to the target, trained with an L1 loss. It is what DRDD has to beat (SynthRAD winners were
@@ -276,8 +277,9 @@ class DRDDNetworks(ScheduledModel):
 
 
 class ConditionalDiffusionNetworks(ScheduledModel):
-    """The conditional-diffusion baseline: one ``DiffusionModelUNet`` predicting a DDPM's noise from
-    ``concat(y_t, source[, context])``, trained on pairs as the stage ``"denoise"``.
+    """The conditional-diffusion baseline: one ``DiffusionModelUNet`` predicting a DDPM's noise
+    (``prediction="epsilon"``) or clean image (``"sample"``) from ``concat(y_t, source[, context])``,
+    trained on pairs as the stage ``"denoise"``; sampled by a ``DDIMSampler`` of the same ``prediction``.
 
     ``denoise`` holds ``build_drdd_network`` keyword arguments; presets give it the DRDD residual
     network's size, so the two methods compare networks of one size and cost per evaluation.
@@ -287,19 +289,22 @@ class ConditionalDiffusionNetworks(ScheduledModel):
     stages = ("denoise",)
 
     def __init__(self, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
-                 denoise: dict | None = None, record: dict | None = None):
-        super().__init__(spatial_dims, image_channels, context_slices, record, denoise=denoise or {})
+                 prediction: str = "epsilon", denoise: dict | None = None, record: dict | None = None):
+        super().__init__(spatial_dims, image_channels, context_slices, record, prediction=prediction,
+                         denoise=denoise or {})
+        self.prediction = prediction
         context_channels = image_channels * (context_slices - 1)
         # the residual network's inputs: the noisy image, then the source and its context
         self.denoise = build_drdd_network("residual", spatial_dims, image_channels, context_channels, **(denoise or {}))
 
     @classmethod
     def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
-                    record: dict | None = None) -> "ConditionalDiffusionNetworks":
+                    prediction: str = "epsilon", record: dict | None = None) -> "ConditionalDiffusionNetworks":
         """The denoising network, sized as the DRDD residual network of the named preset of ``PRESETS``."""
         if name not in PRESETS:
             raise ValueError(f"unknown network preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(spatial_dims, image_channels, context_slices, dict(PRESETS[name]["residual"]), record=record)
+        return cls(spatial_dims, image_channels, context_slices, prediction, dict(PRESETS[name]["residual"]),
+                   record=record)
 
     @property
     def size_divisor(self) -> int:
@@ -490,6 +495,9 @@ def check_sampler(model: RecordedModel, sampler, name: str = "model") -> None:
     if model.method != "regression" and sampler.method != model.method:
         raise DRDDInputError(f"{name}: a {model.method} model cannot be sampled with the {sampler.method} "
                              f"sampler ({type(sampler).__name__}); configure the sampler of its method")
+    if getattr(model, "prediction", None) not in (None, getattr(sampler, "prediction", None)):
+        raise DRDDInputError(f"{name}: the model predicts {model.prediction!r}, the sampler reads {sampler.prediction!r}; "
+                             f"set the sampler's prediction to {model.prediction!r}")
     trained_with = getattr(model, "schedule", None)
     if trained_with is not None and trained_with != sampler.schedule.settings():
         raise DRDDInputError(

@@ -26,19 +26,27 @@ def save_panels(
     colorbar: Sequence[bool] | None = None,
     cmaps: Sequence[str] | None = None,
     overwrite: bool = False,
+    rows: int = 1,
 ) -> Path:
-    """Save 2D images side by side as a PNG: ``panels`` is ``(title, image, (vmin, vmax) or None)``."""
+    """Save 2D images side by side as a PNG: ``panels`` is ``(title, image, (vmin, vmax) or None)``.
+
+    With ``rows`` > 1 the panels fill a grid row by row; a panel whose image is ``None`` stays blank.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    for i, (ax, (name, image, window)) in enumerate(zip(axes[0], panels)):
+    columns = -(-len(panels) // rows)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, (name, image, window)) in enumerate(zip(axes.flat, panels)):
+        if image is None:
+            continue
         vmin, vmax = window if window is not None else (None, None)
         im = ax.imshow(image, cmap=(cmaps[i] if cmaps else "gray"), vmin=vmin, vmax=vmax)
         ax.set_title(name, fontsize=10)
-        ax.axis("off")
         if colorbar and colorbar[i]:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="HU")
     if title:

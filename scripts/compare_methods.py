@@ -6,7 +6,9 @@ layered on it, as a user would: ``configs/conditional_ddim.json`` for the condit
 cases held out with ``--seed``), with validation off, until its training steps have taken
 ``--budget-seconds`` (``TrainingBudget``). The bundle's ``inference.json`` then translates the
 held-out cases from the final EMA weights, once per DRDD sampler variant (``--sampler``), and the
-project's SynthRAD2023 functions score the written synthetic CTs (masked MAE in HU, PSNR, SSIM).
+project's metric functions score the written outputs inside the body mask: ``--task mr2ct`` the
+SynthRAD2023 MAE (HU), PSNR and SSIM; ``--task ldct`` (the drdd_ldct bundle) the MAE in HU and the
+PSNR, SSIM and RMSE in the abdomen window, as the low-dose CT literature reports them.
 
 Each method and sampler appends one JSON object per line to ``--output``, as soon as it is scored
 (each append replaces the file atomically). A row whose method, config, paired fraction and budget
@@ -18,6 +20,9 @@ Example, the 25 prepared IBSI pairs, 7 minutes per method::
         --budget-seconds 420 --num-validation 5 --seed 0 --network-preset cpu-demo \\
         --method drdd --method regression --sampler default --sampler residual_only \\
         --output docs/results/mr2ct_ibsi.jsonl
+
+Without ``--dataset-dir`` each method trains on the bundle's built-in demo data (the files of
+``docs/results/mr2ct_demo.jsonl`` and ``ldct_demo.jsonl``; their commands are in each row).
 """
 
 from __future__ import annotations
@@ -43,7 +48,15 @@ from drdd_med.data.files import atomic_output
 from drdd_med.errors import DRDDInputError, OutputExistsError
 from drdd_med.evaluation import check_same_grid, read_volume
 from drdd_med.handlers import TrainingBudget
-from drdd_med.metrics.functional import synthrad2023_mae, synthrad2023_psnr, synthrad2023_ssim
+from drdd_med.metrics.functional import (
+    HU_WINDOWS,
+    synthrad2023_mae,
+    synthrad2023_psnr,
+    synthrad2023_ssim,
+    windowed_psnr,
+    windowed_rmse,
+    windowed_ssim,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # config fragments layered on the bundle's configs, per method (MONAI's list form of --config_file)
@@ -58,7 +71,26 @@ SAMPLERS = {
     "forward_point": {"start_scale": "$@schedule.fixed_noise_level ** 2"},
 }
 NEVER = 10**9  # epochs: validation and periodic checkpoints never come; the budget ends training
-METRICS = {"mae_hu": synthrad2023_mae, "psnr_db": synthrad2023_psnr, "ssim": synthrad2023_ssim}
+# per task: its bundle and how its outputs are scored, all inside the body mask, as (pred, ct, mask, case)
+LDCT_WINDOW = "abdomen"  # the low-dose CT literature's display window (C 50 / W 400)
+TASKS = {
+    "mr2ct": {
+        "bundle": "drdd_mr2ct",
+        "metrics": {"mae_hu": synthrad2023_mae, "psnr_db": synthrad2023_psnr, "ssim": synthrad2023_ssim},
+        "definition": "SynthRAD2023 MAE (HU), PSNR and SSIM inside the mask, CT clipped to [-1024, 3000] HU",
+    },
+    "ldct": {
+        "bundle": "drdd_ldct",
+        "metrics": {
+            "mae_hu": synthrad2023_mae,
+            "psnr_db": lambda p, r, m, case: windowed_psnr(p, r, LDCT_WINDOW, m, case=case),
+            "ssim": lambda p, r, m, case: windowed_ssim(p, r, LDCT_WINDOW, m, case=case),
+            "rmse_hu": lambda p, r, m, case: windowed_rmse(p, r, LDCT_WINDOW, m, case=case),
+        },
+        "definition": f"MAE (HU, no window) inside the mask; PSNR, SSIM and RMSE inside the mask in the "
+                      f"{LDCT_WINDOW} window {list(HU_WINDOWS[LDCT_WINDOW])} HU",
+    },
+}
 
 logger = logging.getLogger("compare_methods")
 
@@ -68,11 +100,15 @@ logger = logging.getLogger("compare_methods")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset-dir", type=Path, required=True, help="a SynthRAD-layout folder of pairs")
+    parser.add_argument("--dataset-dir", type=Path,
+                        help="the bundle's dataset_dir (mr2ct: a SynthRAD-layout folder of pairs; ldct: CT volumes "
+                             "or a Mayo folder); default: the bundle's built-in demo data, written in each "
+                             "method's work folder as the bundle writes it")
     parser.add_argument("--output", type=Path, required=True, help="results file, e.g. docs/results/mr2ct_ibsi.jsonl")
     parser.add_argument("--budget-seconds", type=float, required=True, help="training time per method")
-    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "drdd_mr2ct")
-    parser.add_argument("--task", default="mr2ct", help="task name recorded in each row")
+    parser.add_argument("--task", default="mr2ct", choices=sorted(TASKS),
+                        help="the task: its bundle and metrics (ldct: PSNR/SSIM/RMSE in the abdomen window)")
+    parser.add_argument("--bundle", type=Path, help="the bundle folder (default: the task's bundle)")
     parser.add_argument("--dataset-name", help="dataset name recorded in each row (default: the folder's name)")
     parser.add_argument("--method", action="append", choices=sorted(METHODS), help="repeatable (default: all)")
     parser.add_argument("--sampler", action="append", choices=sorted(SAMPLERS),
@@ -89,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--replace", action="store_true", help="replace rows already in --output")
     args = parser.parse_args(argv)
     args.method = args.method or sorted(METHODS)
+    args.bundle = args.bundle or ROOT / "bundles" / TASKS[args.task]["bundle"]
     args.sampler = args.sampler or ["default"]
     args.overrides = dict(_parse_override(text) for text in args.overrides)
     if not args.budget_seconds > 0:
@@ -136,7 +173,8 @@ def check_overrides(args: argparse.Namespace) -> None:
 
 def split_settings(args: argparse.Namespace) -> dict:
     """What every config gets: the data and the held-out split."""
-    return {"dataset_dir": str(args.dataset_dir), "num_validation": args.num_validation, "seed": args.seed}
+    data = {} if args.dataset_dir is None else {"dataset_dir": str(args.dataset_dir)}
+    return {**data, "num_validation": args.num_validation, "seed": args.seed}
 
 
 def train_settings(args: argparse.Namespace) -> dict:
@@ -185,27 +223,30 @@ def train(method: str, args: argparse.Namespace, bundle_root: Path) -> dict:
     }
 
 
-def translate(method: str, sampler: dict, args: argparse.Namespace, trained: dict, out_dir: Path) -> list[dict]:
-    """Write the held-out cases' synthetic CTs with the bundle's inference config; return those cases."""
+def translate(method: str, sampler: dict, args: argparse.Namespace, trained: dict,
+              out_dir: Path) -> tuple[list[dict], dict | None]:
+    """Write the held-out cases' outputs with the bundle's inference config; those cases, and the
+    settings of the sampler that ran (``None`` for a regression model, which takes no steps)."""
     settings = {**split_settings(args), "bundle_root": str(out_dir.parent), "ckpt_path": str(trained["checkpoint"]),
                 "output_dir": str(out_dir)}
     parser = bundle_parser("inference", method, args.bundle, settings, args.overrides)
     parser.update({f"sampler#{k}": v for k, v in sampler.items()})  # a named variant means what it says
     parser.get_parsed_content("initialize")
     parser.get_parsed_content("run")
-    return parser.get_parsed_content("datalist")
+    used = None if method == "regression" else parser.get_parsed_content("sampler").settings()
+    return parser.get_parsed_content("datalist"), used
 
 
-def score(cases: list[dict], out_dir: Path) -> dict[str, list[float]]:
-    """SynthRAD2023 masked MAE (HU), PSNR and SSIM of each case's written synthetic CT against its CT."""
-    scores = {name: [] for name in METRICS}
+def score(cases: list[dict], out_dir: Path, metrics: dict) -> dict[str, list[float]]:
+    """The task's ``metrics`` of each case's written output (``sct.nii.gz``) against its reference CT."""
+    scores = {name: [] for name in metrics}
     for item in cases:
         case = item["case_id"]
         ct, ct_affine = read_volume(item["target"], "ct", case)
         mask, _ = read_volume(item["mask"], "mask", case)
         sct, sct_affine = read_volume(out_dir / case / "sct.nii.gz", "synthetic CT", case)
         check_same_grid(case, "synthetic CT", sct.shape, sct_affine, ct.shape, ct_affine)
-        for name, metric in METRICS.items():
+        for name, metric in metrics.items():
             scores[name].append(float(metric(sct, ct, mask, case=case)))
     return scores
 
@@ -274,7 +315,7 @@ def run(args: argparse.Namespace, work_dir: Path, command: str) -> list[dict]:
     check_overrides(args)
     planned = planned_rows(args)
     check_duplicates(args.output, planned, args.replace)
-    provenance = {"task": args.task, "dataset": args.dataset_name or args.dataset_dir.name, "command": command,
+    provenance = {"task": args.task, "dataset": args.dataset_name or (args.dataset_dir.name if args.dataset_dir else "demo"), "command": command,
                   **git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     written = []
     for method in args.method:
@@ -284,12 +325,13 @@ def run(args: argparse.Namespace, work_dir: Path, command: str) -> list[dict]:
             variant = plan["config"].get("sampler", "translation")
             out_dir = work_dir / method / variant
             started = time.perf_counter()
-            cases = translate(method, SAMPLERS.get(variant, {}), args, trained, out_dir)
-            scores = score(cases, out_dir)
+            cases, sampler_used = translate(method, SAMPLERS.get(variant, {}), args, trained, out_dir)
+            scores = score(cases, out_dir, TASKS[args.task]["metrics"])
             row = {**plan, **{k: trained[k] for k in ("train_seconds", "iterations", "longest_iteration_seconds",
                                                         "trained_iterations")},
                    "device": describe_device(trained["device"]),
                    "inference_seconds": round(time.perf_counter() - started, 3),
+                   "sampler_used": sampler_used, "metrics": TASKS[args.task]["definition"],
                    "cases": [item["case_id"] for item in cases],
                    **{name: float(np.mean(values)) for name, values in scores.items()},
                    "per_case": scores, **provenance}

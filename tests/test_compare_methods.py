@@ -1,7 +1,8 @@
 """scripts/compare_methods.py: equal wall-clock budgets, every documented field, finite scores, no silent duplicates.
 
-The end-to-end run trains tiny DRDD and regression models for a few seconds each on tiny demo data:
-it checks the plumbing and the record, never image quality.
+The end-to-end runs train tiny DRDD, conditional-DDIM and regression models for a few seconds each on
+tiny demo data (MR→CT pairs; CT volumes for low-dose CT): they check the plumbing and the record,
+never image quality.
 """
 
 import importlib.util
@@ -10,6 +11,8 @@ import math
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from ignite.engine import Engine, Events
 
@@ -22,11 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
 compare_methods = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(compare_methods)
+FIGURE_SPEC = importlib.util.spec_from_file_location("compare_figure", ROOT / "scripts" / "compare_figure.py")
+compare_figure = importlib.util.module_from_spec(FIGURE_SPEC)
+FIGURE_SPEC.loader.exec_module(compare_figure)
 
 BUDGET = 2.0
 FIELDS = {"method", "config", "paired_fraction", "budget_seconds", "train_seconds", "iterations",
           "longest_iteration_seconds", "trained_iterations", "device", "inference_seconds", "cases", "mae_hu",
-          "psnr_db", "ssim", "per_case", "task", "dataset", "command", "git_commit", "git_dirty", "date"}
+          "psnr_db", "ssim", "per_case", "task", "dataset", "command", "git_commit", "git_dirty", "date",
+          "sampler_used", "metrics"}
 SCORES = ("mae_hu", "psnr_db", "ssim")
 
 
@@ -100,7 +107,8 @@ def test_a_row_that_is_not_strict_json_is_refused_and_the_file_kept(tmp_path):
 def _args(data, out, *extra):
     return ["--dataset-dir", str(data), "--dataset-name", "demo", "--output", str(out),
             "--budget-seconds", str(BUDGET), "--num-validation", "2", "--network-preset", "tiny",
-            "--method", "drdd", "--method", "regression", "--sampler", "default", "--sampler", "residual_only",
+            "--method", "drdd", "--method", "cddim", "--method", "regression", "--sampler", "default",
+            "--sampler", "residual_only",
             # small patches; the EMA every step, so seconds of training leave trained EMA weights to translate
             "--set", "patch_size=[32,32]", "--set", "patches_per_volume=2", "--set", "volumes_per_batch=1",
             "--set", "train#handlers#0#every=1", *extra]
@@ -111,7 +119,7 @@ def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     write_demo_dataset(root / "data", num_paired=5, num_unpaired=0, shape=(32, 32, 8), spacing=(6, 6, 18))
     out = root / "results" / "mr2ct_demo.jsonl"
-    assert compare_methods.main(_args(root / "data", out)) == 0
+    assert compare_methods.main(_args(root / "data", out, "--work-dir", str(root / "work"))) == 0
     return root, out
 
 
@@ -119,7 +127,7 @@ def test_each_method_and_sampler_gets_one_row_with_every_field_and_finite_scores
     root, out = compared
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["method"], r["config"].get("sampler")) for r in rows] == [
-        ("drdd", "default"), ("drdd", "residual_only"), ("regression", None)]
+        ("drdd", "default"), ("drdd", "residual_only"), ("cddim", None), ("regression", None)]
     split = prepare_datalists(root / "data", num_validation=2, seed=0)
     held_out = sorted(item["case_id"] for item in split["validation"])
     for row in rows:
@@ -132,9 +140,15 @@ def test_each_method_and_sampler_gets_one_row_with_every_field_and_finite_scores
         assert row["config"]["network_preset"] == "tiny" and row["config"]["overrides"]["patches_per_volume"] == 2
         assert row["dataset"] == "demo" and row["task"] == "mr2ct" and "threads" in row["device"]
         assert "--budget-seconds 2.0" in row["command"] and len(row["git_commit"] or "x" * 40) == 40
-    drdd, residual_only, regression = rows
+    drdd, residual_only, cddim, regression = rows
     assert drdd["config"]["sampler_settings"] == {} and residual_only["config"]["sampler_settings"] == {
         "noise_steps": 0, "start_scale": 0.0}
+    # what ran is recorded: the bundle's 2 + 2 default, the variant, DDIM in as many evaluations, nothing
+    assert (drdd["sampler_used"]["residual_steps"], drdd["sampler_used"]["noise_steps"]) == (2, 2)
+    assert (residual_only["sampler_used"]["noise_steps"], residual_only["sampler_used"]["start_scale"]) == (0, 0.0)
+    assert cddim["sampler_used"]["sampler"] == "ddim" and cddim["sampler_used"]["steps"] == 4
+    assert cddim["trained_iterations"] == {"denoise": cddim["iterations"]} and regression["sampler_used"] is None
+    assert "SynthRAD2023" in drdd["metrics"]
     assert drdd["mae_hu"] != residual_only["mae_hu"]  # the variants were really sampled differently
     assert drdd["trained_iterations"] == {"residual": drdd["iterations"], "noise": drdd["iterations"]}
     assert regression["trained_iterations"] == {"regression": regression["iterations"]}
@@ -152,7 +166,7 @@ def test_a_rerun_with_the_same_config_is_refused_before_training(compared, capsy
     before = out.read_bytes()
     started = time.perf_counter()
     assert compare_methods.main(_args(root / "data", out)) == 2
-    assert "already holds drdd (default), drdd (residual_only), regression" in capsys.readouterr().err
+    assert "already holds drdd (default), drdd (residual_only), cddim, regression" in capsys.readouterr().err
     assert out.read_bytes() == before and time.perf_counter() - started < 30  # refused up front, nothing trained
 
 
@@ -160,3 +174,46 @@ def test_an_override_no_config_has_is_refused(compared, capsys):
     root, out = compared
     assert compare_methods.main(_args(root / "data", out, "--set", "learnig_rate=0.1")) == 2
     assert "--set learnig_rate: no such item in the bundle's train or inference config" in capsys.readouterr().err
+
+
+def test_low_dose_ct_on_the_bundles_own_demo_data_is_scored_in_the_abdomen_window(tmp_path):
+    """--task ldct without --dataset-dir: the drdd_ldct bundle writes its demo data in each method's
+    folder, simulates the held-out low-dose inputs, and the rows carry the window's metrics."""
+    out = tmp_path / "ldct_demo.jsonl"
+    args = ["--task", "ldct", "--output", str(out), "--budget-seconds", str(BUDGET), "--num-validation", "2",
+            "--network-preset", "tiny", "--method", "drdd", "--method", "regression", "--work-dir", str(tmp_path / "w"),
+            "--set", "demo_cases=5", "--set", "demo_shape=[64,64,8]", "--set", "demo_spacing=[3.0,3.0,12.0]",
+            "--set", "patch_size=[32,32]", "--set", "patches_per_volume=2", "--set", "volumes_per_batch=1",
+            "--set", "train#handlers#0#every=1"]
+    assert compare_methods.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["drdd", "regression"]
+    for row in rows:
+        assert row["task"] == "ldct" and row["dataset"] == "demo" and row["config"]["bundle"] == "drdd_ldct"
+        assert "abdomen window [-150.0, 250.0]" in row["metrics"] and len(row["cases"]) == 2
+        for name in (*SCORES, "rmse_hu"):
+            assert math.isfinite(row[name]) and len(row["per_case"][name]) == 2
+        assert 0 < row["ssim"] <= 1 and 0 < row["rmse_hu"] <= 400  # RMSE of values clipped to a 400 HU window
+    # the bundle's default sampler: the residual stage only, from the low-dose image itself
+    assert rows[0]["sampler_used"]["noise_steps"] == 0 and rows[0]["trained_iterations"]["noise"] == 0
+    # each method's held-out cases are the same simulated low-dose scans
+    heldout = [nib.load(tmp_path / "w" / m / "data" / "heldout" / rows[0]["cases"][0] / "ldct.nii.gz").get_fdata()
+               for m in ("drdd", "regression")]
+    assert np.array_equal(heldout[0], heldout[1])
+
+
+def test_the_figure_shows_each_kept_output_of_a_held_out_case_and_never_overwrites(compared, capsys):
+    root, out = compared
+    case = json.loads(out.read_text().splitlines()[0])["cases"][0]
+    png = root / "figure.png"
+    args = ["--dataset-dir", str(root / "data"), "--case", case, "--output", str(png),
+            "--panel", f"DRDD={root / 'work' / 'drdd' / 'default'}",
+            "--panel", f"U-Net={root / 'work' / 'regression' / 'translation'}"]
+    assert compare_figure.main(args) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = png.read_bytes()
+    assert compare_figure.main(args) == 2 and "exists" in capsys.readouterr().err
+    assert png.read_bytes() == before
+    other = ["--dataset-dir", str(root / "data"), "--case", "NOPE", "--output", str(root / "other.png"), *args[6:]]
+    assert compare_figure.main(other) == 2
+    assert "NOPE: no case folder of this id" in capsys.readouterr().err and not (root / "other.png").exists()

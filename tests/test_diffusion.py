@@ -252,13 +252,19 @@ def ddim_oracle(schedule, y):
     return oracle
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("steps", [1, 2, 4, 10])
-def test_ddim_oracle_sampler_ends_at_the_clean_target(schedule, steps, eta):
+def test_ddim_oracle_sampler_ends_at_the_clean_target(schedule, steps, eta, prediction):
     y, x_in, _ = _images((6, 5))
-    out = DDIMSampler(schedule, steps, eta).sample(x_in, ddim_oracle(schedule, y), torch.Generator().manual_seed(0))
+
+    def oracle(target):
+        return ddim_oracle(schedule, target) if prediction == "epsilon" else (lambda x, t: target.expand_as(x))
+
+    sampler = DDIMSampler(schedule, steps, eta, prediction=prediction)
+    out = sampler.sample(x_in, oracle(y), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, y, rtol=0, atol=1e-9)
-    wrong = DDIMSampler(schedule, steps, eta).sample(x_in, ddim_oracle(schedule, 0.5 * y))
+    wrong = sampler.sample(x_in, oracle(0.5 * y))
     assert (wrong - y).abs().mean() > 0.1
 
 
@@ -278,6 +284,22 @@ def test_ddim_steps_are_the_textbook_update(schedule, eta):
     expected = ((x - (1 - ab[499]).sqrt() * e) / ab[499].sqrt()).clamp(-1, 1)
     torch.testing.assert_close(out, expected)
     assert DDIMSampler(schedule, 4).num_noise_draws == 1 and DDIMSampler(schedule, 4, eta=1.0).num_noise_draws == 4
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        DDIMSampler(schedule, prediction="v")
+
+
+def test_ddim_with_clean_image_prediction_derives_the_noise_from_it(schedule):
+    """prediction="sample": ŷ is the network's output (clipped) and ε̂ = (x − sqrt(ᾱ_t) ŷ) / sqrt(1 − ᾱ_t)."""
+    y, z, _ = _images((4, 4))
+    net = lambda x, t: 1.5 * torch.tanh(x) + 1e-4 * t.reshape(-1, 1, 1, 1)  # noqa: E731  (outside [−1, 1] too)
+    out = DDIMSampler(schedule, steps=2, prediction="sample").sample(y, net, noise=[z])
+    ab = schedule.alphas_cumprod
+    x = z
+    raw = net(x, torch.full((2,), 999.0, dtype=torch.float64))
+    e = (x - ab[999].sqrt() * raw) / (1 - ab[999]).sqrt()
+    x = ab[499].sqrt() * raw.clamp(-1, 1) + (1 - ab[499]).sqrt() * e
+    expected = net(x, torch.full((2,), 499.0, dtype=torch.float64)).clamp(-1, 1)
+    torch.testing.assert_close(out, expected)
 
 
 def test_ddim_loss_feeds_the_noisy_target_with_its_condition_at_time_t(schedule):
@@ -294,6 +316,10 @@ def test_ddim_loss_feeds_the_noisy_target_with_its_condition_at_time_t(schedule)
     torch.testing.assert_close(seen[0][0][:, 1:], x_in)  # the condition follows the noisy target
     g = torch.Generator().manual_seed(0)
     assert 0.5 < ddim_p_losses(schedule, lambda inp, t: torch.zeros_like(y), x_in, y, g).item() < 1.5
+    # predicting the clean image: the target itself is the oracle, zero predicts E[y²]
+    assert ddim_p_losses(schedule, lambda inp, t: y, x_in, y, prediction="sample").item() == 0
+    assert ddim_p_losses(schedule, lambda inp, t: torch.zeros_like(y), x_in, y, prediction="sample").item() == \
+        pytest.approx(y.pow(2).mean().item(), rel=1e-6)
     t = torch.tensor([0, 999])
     eps = torch.randn_like(y)
     torch.testing.assert_close(ddim_q_sample(schedule, y, t, eps)[1],

@@ -202,7 +202,7 @@ def test_evaluator_translates_with_a_regression_model_and_records_no_sampler():
 
 
 def test_trainer_trains_the_conditional_ddim_denoiser_on_source_and_context():
-    model = seeded_initialisation(ConditionalDiffusionNetworks.from_preset("tiny", context_slices=3), 1)
+    model = seeded_initialisation(ConditionalDiffusionNetworks.from_preset("tiny", context_slices=3, prediction="sample"), 1)
     initial = copy.deepcopy(model)
     paired = _paired_with_context()
     trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["denoise"],
@@ -212,7 +212,8 @@ def test_trainer_trains_the_conditional_ddim_denoiser_on_source_and_context():
     torch.manual_seed(7)
     trainer.run()
     torch.manual_seed(7)  # the same draws of t and ε: the first loss is the DDPM loss of the initial network
-    expected = ddim_p_losses(trainer.schedule, initial.denoise, paired[0]["source"], paired[0]["target"])
+    expected = ddim_p_losses(trainer.schedule, initial.denoise, paired[0]["source"], paired[0]["target"],
+                             prediction="sample")
     assert first[0]["loss_denoise"] == pytest.approx(float(expected), rel=1e-5)
     assert set(trainer.state.output) == {"loss", "loss_denoise"}
     assert any(not torch.equal(initial.state_dict()[k], v) for k, v in model.state_dict().items() if torch.is_tensor(v))

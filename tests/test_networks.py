@@ -249,6 +249,8 @@ def test_conditional_ddim_model_is_sized_as_the_residual_network_and_reloads_fro
     assert loaded.architecture["denoise"]["channels"] == list(PRESETS["tiny"]["residual"]["channels"])
     with pytest.raises(DRDDInputError, match="model.pt: a cddim model cannot be sampled with the drdd sampler"):
         load_model(tmp_path / "model.pt", sampler=DRDDSampler(DRDDSchedule()))
+    with pytest.raises(DRDDInputError, match="the model predicts 'epsilon', the sampler reads 'sample'"):
+        load_model(tmp_path / "model.pt", sampler=DDIMSampler(DRDDSchedule(), prediction="sample"))
     model.trained_iterations["denoise"] = 0
     torch.save(model.state_dict(), tmp_path / "untrained.pt")
     with pytest.raises(DRDDInputError, match="runs the denoise stage, which this model never trained"):

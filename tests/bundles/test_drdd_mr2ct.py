@@ -182,6 +182,7 @@ def test_conditional_ddim_fragment_trains_and_translates_through_the_bundle(tmp_
     record = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["_extra_state"]
     assert record["architecture"]["method"] == "cddim" and record["trained_iterations"]["denoise"] > 0
     assert record["validation_sampler"]["sampler"] == "ddim" and record["validation_sampler"]["steps"] == 4
+    assert record["architecture"]["prediction"] == record["validation_sampler"]["prediction"] == "sample"
     assert {"denoise_optimizer", "network_ema"} <= set(torch.load(tmp_path / "models" / "checkpoint_final.pt",
                                                                    weights_only=True))
     bundle_run("run", "--config_file", f"['{INFER}','{CDDIM}']", "--bundle_root", str(tmp_path), *HELD_OUT)
