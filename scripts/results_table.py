@@ -2,9 +2,10 @@
 
     python scripts/results_table.py docs/results/mr2ct_ibsi.jsonl
 
-One row per line of the file, in its order: method and its knobs, paired fraction, budget and
-iterations, then mean ± standard deviation over the held-out cases of masked MAE (HU), PSNR (dB)
-and SSIM (SynthRAD2023 definitions). The machine and cases of the first row are printed under it.
+One row per line of the file, in its order: method and its knobs (with the sampler that ran, when
+the row records it), paired fraction, budget and iterations, then mean ± standard deviation over the
+held-out cases of MAE (HU), PSNR (dB), SSIM and, where the rows have it (low-dose CT), RMSE (HU).
+The metric definitions, machine and cases of the first row are printed under it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,23 @@ import json
 import statistics
 from pathlib import Path
 
-METRICS = (("mae_hu", "MAE (HU)", 1), ("psnr_db", "PSNR (dB)", 2), ("ssim", "SSIM", 3))
+METRICS = (("mae_hu", "MAE (HU)", 1), ("psnr_db", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("rmse_hu", "RMSE (HU)", 1))
+
+
+def _value(value) -> str:
+    """An override's value; a network definition by its channels (the full JSON is in the row's command)."""
+    if isinstance(value, dict):
+        channels = [f"{name} channels {'/'.join(map(str, part['channels']))}"
+                    for name, part in value.items() if isinstance(part, dict) and "channels" in part]
+        return "(" + "; ".join(channels) + ")" if channels else json.dumps(value)
+    return str(value)
+
+
+def _sampler(used: dict) -> str:
+    """The sampler that ran, in a few words: DRDD's steps and start, or DDIM's steps and prediction."""
+    if used.get("sampler") == "ddim":
+        return f"DDIM {used['steps']} steps, predicts {used['prediction']}"
+    return f"{used['residual_steps']}+{used['noise_steps']} steps, start scale {used['start_scale']:g}"
 
 
 def describe(row: dict) -> str:
@@ -23,7 +40,9 @@ def describe(row: dict) -> str:
     parts = [row["method"]]
     if config.get("sampler"):
         parts.append(f"sampler {config['sampler']}")
-    parts += [f"{key} {value}" for key, value in sorted(config.get("overrides", {}).items())]
+    parts += [f"{key} {_value(value)}" for key, value in sorted(config.get("overrides", {}).items())]
+    if row.get("sampler_used"):
+        parts.append(f"[{_sampler(row['sampler_used'])}]")
     return ", ".join(parts)
 
 
@@ -35,14 +54,17 @@ def spread(row: dict, key: str, digits: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    header = "| method | paired | budget (s) / iterations | " + " | ".join(name for _, name, _ in METRICS) + " |"
-    lines = [header, "|" + "---|" * (3 + len(METRICS))]
+    metrics_shown = [m for m in METRICS if all(m[0] in row for row in rows)]
+    header = "| method | paired | budget (s) / iterations | " + " | ".join(name for _, name, _ in metrics_shown) + " |"
+    lines = [header, "|" + "---|" * (3 + len(metrics_shown))]
     for row in rows:
-        metrics = " | ".join(spread(row, key, digits) for key, _, digits in METRICS)
+        metrics = " | ".join(spread(row, key, digits) for key, _, digits in metrics_shown)
         budget = f"{row.get('budget_seconds', round(row['train_seconds']))} / {row['iterations']}"
         lines.append(f"| {describe(row)} | {row['paired_fraction']:.0%} | {budget} | {metrics} |")
     first = rows[0]
     lines.append("")
+    if first.get("metrics"):
+        lines.append(f"Metrics: {first['metrics']}.")
     lines.append(f"Machine: {first.get('device', '?')}; held-out cases: {', '.join(first.get('cases', []))}.")
     return "\n".join(lines)
 

@@ -170,6 +170,17 @@ def test_regression_fragment_inference_writes_synthetic_ct(trained_regression):
         assert values.min() >= -1024 and values.max() <= 3000 and values.std() > 0
 
 
+def test_a_conditional_noise_stage_trains_on_pairs_and_translates(tmp_path):
+    """--noise_conditional true (the reference code's choice): the noise network reads [y_t, MR], so it
+    trains on the pairs (the target-only pool has no MR) and inference gives it the MR."""
+    bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--noise_conditional", "true",
+               "--max_epochs", "2", "--val_interval", "2", *FAST)
+    record = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["_extra_state"]
+    assert record["architecture"]["noise_conditional"] is True and record["trained_iterations"]["noise"] > 0
+    bundle_run("run", "--config_file", INFER, "--bundle_root", str(tmp_path), *HELD_OUT)
+    assert len(list((tmp_path / "eval").glob("*/sct.nii.gz"))) == 2
+
+
 # --- the conditional-DDIM baseline: configs/conditional_ddim.json layered on the same bundle --------
 
 CDDIM = "configs/conditional_ddim.json"
