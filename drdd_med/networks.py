@@ -248,6 +248,9 @@ class DRDDNetworks(ScheduledModel):
         noise: dict | None = None,
         record: dict | None = None,
     ):
+        if not isinstance(noise_conditional, bool):  # the bundle CLI reads "true" as a string, "True" as a bool
+            raise ValueError(f"noise_conditional must be a boolean, got {noise_conditional!r} "
+                             "(on a bundle command line: --noise_conditional True)")
         super().__init__(spatial_dims, image_channels, context_slices, record,
                          noise_conditional=noise_conditional, residual=residual or {}, noise=noise or {})
         self.noise_conditional = noise_conditional

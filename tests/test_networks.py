@@ -255,3 +255,8 @@ def test_conditional_ddim_model_is_sized_as_the_residual_network_and_reloads_fro
     torch.save(model.state_dict(), tmp_path / "untrained.pt")
     with pytest.raises(DRDDInputError, match="runs the denoise stage, which this model never trained"):
         load_model(tmp_path / "untrained.pt", sampler=DDIMSampler(DRDDSchedule()))
+
+
+def test_a_noise_conditional_that_is_not_a_boolean_is_refused():
+    with pytest.raises(ValueError, match=r"noise_conditional must be a boolean, got 'true' .*--noise_conditional True"):
+        DRDDNetworks.from_preset("tiny", noise_conditional="true")

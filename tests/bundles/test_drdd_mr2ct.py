@@ -171,9 +171,9 @@ def test_regression_fragment_inference_writes_synthetic_ct(trained_regression):
 
 
 def test_a_conditional_noise_stage_trains_on_pairs_and_translates(tmp_path):
-    """--noise_conditional true (the reference code's choice): the noise network reads [y_t, MR], so it
+    """--noise_conditional True (the reference code's choice): the noise network reads [y_t, MR], so it
     trains on the pairs (the target-only pool has no MR) and inference gives it the MR."""
-    bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--noise_conditional", "true",
+    bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--noise_conditional", "True",
                "--max_epochs", "2", "--val_interval", "2", *FAST)
     record = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["_extra_state"]
     assert record["architecture"]["noise_conditional"] is True and record["trained_iterations"]["noise"] > 0
