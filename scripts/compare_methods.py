@@ -295,11 +295,13 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def git_commit() -> dict:
+    """The commit measured, and whether tracked files differ from it (results files and docs aside:
+    rows appended before they are committed do not change what was measured)."""
     def git(*command):
         result = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False)
         return result.stdout.strip() if result.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs", ":(exclude)*.md")
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
 
 

@@ -217,3 +217,25 @@ def test_the_figure_shows_each_kept_output_of_a_held_out_case_and_never_overwrit
     other = ["--dataset-dir", str(root / "data"), "--case", "NOPE", "--output", str(root / "other.png"), *args[6:]]
     assert compare_figure.main(other) == 2
     assert "NOPE: no case folder of this id" in capsys.readouterr().err and not (root / "other.png").exists()
+
+
+def test_git_dirty_means_code_differs_from_the_commit_not_results_or_docs(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "r.jsonl").write_text("{}\n")
+    (tmp_path / "README.md").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(compare_methods, "ROOT", tmp_path)
+    (tmp_path / "docs" / "results" / "r.jsonl").write_text("{}\n{}\n")  # a row appended, not yet committed
+    (tmp_path / "README.md").write_text("b\n")
+    assert compare_methods.git_commit()["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert compare_methods.git_commit()["git_dirty"] is True
