@@ -42,8 +42,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from drdd_med import __version__
-from drdd_med.diffusion import DRDDSampler, DRDDSchedule, network_fns, noise_p_losses, residual_p_losses
-from drdd_med.inferers import DRDDInferer
+from drdd_med.diffusion import DRDDSampler, DRDDSchedule, noise_p_losses, residual_p_losses
+from drdd_med.inferers import DRDDInferer, bind_networks
 from drdd_med.bundle import resolve_device
 from drdd_med.networks import PRESETS, DRDDNetworks, seeded_initialisation
 
@@ -298,8 +298,7 @@ class _Run:
     def sample_seconds(self) -> float:
         """Median seconds of one 2 + 2 sample of a batch."""
         source, _, context = self.batch(self.config.batch_size)
-        residual_fn, noise_fn = network_fns(self.networks.residual, self.networks.noise, source, context,
-                                            self.networks.noise_conditional)
+        residual_fn, noise_fn = bind_networks(self.networks, source, context)
 
         def sample():
             with torch.no_grad(), autocast(self.device, self.config.precision):

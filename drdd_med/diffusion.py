@@ -329,25 +329,6 @@ class DRDDSampler:
         return self.noise_phase(x, noise_fn, draws)
 
 
-def network_fns(
-    residual_net: Denoiser,
-    noise_net: Denoiser,
-    source: torch.Tensor,
-    context: torch.Tensor | None = None,
-    noise_conditional: bool = False,
-) -> tuple[Callable, Callable]:
-    """Bind the condition into the two networks, as the sampler wants them: ``fn(x, τ)``."""
-    condition = source if context is None else torch.cat([source, context], dim=1)
-
-    def residual_fn(x, tau):
-        return residual_net(torch.cat([x, condition], dim=1), tau)
-
-    def noise_fn(x, tau):
-        return noise_net(torch.cat([x, source], dim=1) if noise_conditional else x, tau)
-
-    return residual_fn, noise_fn
-
-
 # --- 5. Conditional DDIM (the conditional-diffusion baseline) -------------------------------------
 
 

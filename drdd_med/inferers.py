@@ -121,10 +121,8 @@ class DRDDInferer(Inferer):
         noise = self._noise(shape)
 
         def sample(source, context, index):
-            conditions = _conditions(source, context)
-            fns = [_conditioned(net, conditions[kind]) for net, kind in network.conditioned_networks()]
             draws = [z[index.cpu()].to(source.device, source.dtype) for z in noise]
-            return self.sampler.sample(source, *fns, noise=draws)
+            return self.sampler.sample(source, *bind_networks(network, source, context), noise=draws)
 
         return sample
 
@@ -164,6 +162,13 @@ class DRDDInferer(Inferer):
         padded, roi = self._padded_volume(volume, network)
         out = sliding_window_inference(padded, roi, self.sw_batch_size, network, overlap=self.overlap, mode=self.mode)
         return out[(..., *[slice(0, s) for s in spatial])]
+
+
+def bind_networks(network, source: torch.Tensor, context: torch.Tensor | None = None) -> list:
+    """A diffusion model's networks as its sampler takes them, ``fn(x, τ)``, each reading its condition
+    (``ScheduledModel.conditioned_networks``) of this batch of 2D slices or whole inputs."""
+    conditions = _conditions(source, context)
+    return [_conditioned(net, conditions[kind]) for net, kind in network.conditioned_networks()]
 
 
 def _conditions(source: torch.Tensor, context: torch.Tensor | None) -> dict:
