@@ -334,6 +334,9 @@ class RegressionNetworks(RecordedModel):
     neighbours, as ``RandPairedPatch`` stacks them); output channels are ``image_channels``. It trains
     as the single stage ``"regression"`` (L1 loss, ``DRDDTrainer``) and translates in one forward pass
     (``DRDDInferer``). ``network`` holds ``BasicUNet`` keyword arguments (``features``, ``norm``...).
+    ``residual`` (RED-CNN-style residual learning, for tasks whose source and target share one
+    intensity scale, such as low-dose CT): the U-Net predicts ``target − source`` and the model
+    returns ``source + U-Net(source[, context])``.
     The state dict carries the model record (``RecordedModel``), method ``"regression"``.
     """
 
@@ -346,18 +349,20 @@ class RegressionNetworks(RecordedModel):
         image_channels: int = 1,
         context_slices: int = 1,
         network: dict | None = None,
+        residual: bool = False,
         record: dict | None = None,
     ):
-        super().__init__(spatial_dims, image_channels, context_slices, record, network=network or {})
+        super().__init__(spatial_dims, image_channels, context_slices, record, network=network or {}, residual=residual)
+        self.residual = residual
         self.regression = BasicUNet(spatial_dims, image_channels * context_slices, image_channels, **(network or {}))
 
     @classmethod
     def from_preset(cls, name: str, spatial_dims: int = 2, image_channels: int = 1, context_slices: int = 1,
-                    record: dict | None = None) -> "RegressionNetworks":
+                    residual: bool = False, record: dict | None = None) -> "RegressionNetworks":
         """A U-Net sized by a named preset of ``REGRESSION_PRESETS`` (the same names as ``PRESETS``)."""
         if name not in REGRESSION_PRESETS:
             raise ValueError(f"unknown regression network preset {name!r}; choose one of {sorted(REGRESSION_PRESETS)}")
-        return cls(spatial_dims, image_channels, context_slices, dict(REGRESSION_PRESETS[name]), record=record)
+        return cls(spatial_dims, image_channels, context_slices, dict(REGRESSION_PRESETS[name]), residual, record=record)
 
     @property
     def size_divisor(self) -> int:
@@ -365,8 +370,9 @@ class RegressionNetworks(RecordedModel):
         return 16
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The translated image from ``source[, context]`` channels."""
-        return self.regression(inputs)
+        """The translated image from ``source[, context]`` channels (the source: the first ``image_channels``)."""
+        output = self.regression(inputs)
+        return output + inputs[:, : self.image_channels] if self.residual else output
 
 
 MODEL_CLASSES: dict[str, type[RecordedModel]] = {
@@ -376,14 +382,16 @@ MODEL_CLASSES: dict[str, type[RecordedModel]] = {
 
 def _describe(architecture: dict) -> str:
     architecture = _with_method(architecture)
+    method = architecture["method"]
     if architecture["method"] == "drdd":
         name, values = "residual channels", architecture["residual"].get("channels", [])
     elif architecture["method"] == "cddim":
         name, values = "denoising network channels", architecture["denoise"].get("channels", [])
     else:
         name, values = "features", architecture.get("network", {}).get("features", [])
+        method = "residual-learning regression" if architecture.get("residual") else method
     sizes = f"{name} {'/'.join(str(v) for v in values) or 'default'}"
-    return (f"{architecture['method']} model, {architecture['spatial_dims']}D, {architecture['context_slices']} "
+    return (f"{method} model, {architecture['spatial_dims']}D, {architecture['context_slices']} "
             f"context slice(s), {architecture['image_channels']} image channel(s), {sizes}")
 
 
@@ -501,13 +509,6 @@ def check_sampler(model: RecordedModel, sampler, name: str = "model") -> None:
     if getattr(model, "prediction", None) not in (None, getattr(sampler, "prediction", None)):
         raise DRDDInputError(f"{name}: the model predicts {model.prediction!r}, the sampler reads {sampler.prediction!r}; "
                              f"set the sampler's prediction to {model.prediction!r}")
-    trained_with = getattr(model, "schedule", None)
-    if trained_with is not None and trained_with != sampler.schedule.settings():
-        raise DRDDInputError(
-            f"{name}: the model was trained with fixed_noise_step {trained_with['fixed_noise_step']} "
-            f"(schedule {trained_with}), the sampler's schedule is {sampler.schedule.settings()}; "
-            f"sample with fixed_noise_step {trained_with['fixed_noise_step']}"
-        )
     untrained = [stage for stage in model.stages_run_by(sampler) if not model.trained_iterations[stage]]
     if untrained:
         trained = ", ".join(f"{s} {n} iterations" for s, n in model.trained_iterations.items() if n) or "none"
@@ -515,4 +516,11 @@ def check_sampler(model: RecordedModel, sampler, name: str = "model") -> None:
         raise DRDDInputError(
             f"{name}: the sampler runs the {' and '.join(untrained)} stage, which this model never trained "
             f"(trained: {trained}){hint}"
+        )
+    trained_with = getattr(model, "schedule", None)
+    if trained_with is not None and trained_with != sampler.schedule.settings():
+        raise DRDDInputError(
+            f"{name}: the model was trained with fixed_noise_step {trained_with['fixed_noise_step']} "
+            f"(schedule {trained_with}), the sampler's schedule is {sampler.schedule.settings()}; "
+            f"sample with fixed_noise_step {trained_with['fixed_noise_step']}"
         )

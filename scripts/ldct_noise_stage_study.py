@@ -9,8 +9,14 @@ combined with a noise network trained on the full-dose CTs only, under three sam
 - ``noise refinement at σ_0``: the residual-only result, then 1 noise step from ``t = 0`` (σ ≈ 20 HU),
   treating what the residual stage left as noise at the lowest level the noise network knows.
 
-A noise network comes from the bundle's own training with the noise stage only, e.g.::
+The study is about the method's two-stage model, so its residual network must be trained at the
+method's fixed noise level σ_{T−1} (``--fixed_noise_step None``; the bundle's default is σ_0, and a
+model trained at another level is refused). The measurement in the bundle README used the residual
+network of the bundle's demo training at that level and a noise network from the bundle's own training
+with the noise stage only::
 
+    python -m monai.bundle run training --config_file bundles/drdd_ldct/configs/train.json \\
+        --fixed_noise_step None
     python -m monai.bundle run training --config_file bundles/drdd_ldct/configs/train.json \\
         --bundle_root /tmp/noise_stage --dataset_dir bundles/drdd_ldct/data/demo \\
         --heldout_dir bundles/drdd_ldct/data/heldout --stages "['noise']" --max_epochs 65 --val_interval 1000
@@ -64,7 +70,14 @@ def main(argv=None) -> int:
         return 2
 
     # both models are rebuilt from their own records; the noise network joins the residual one
-    network = load_model(args.residual_ckpt or args.bundle_root / "models" / "model.pt")
+    residual_ckpt = args.residual_ckpt or args.bundle_root / "models" / "model.pt"
+    network = load_model(residual_ckpt)
+    method_level = DRDDSchedule().fixed_noise_step
+    if network.schedule["fixed_noise_step"] != method_level:
+        print(f"error: {residual_ckpt.name}: trained at fixed_noise_step {network.schedule['fixed_noise_step']}; "
+              f"the study needs the method's level ({method_level}): train the residual stage with "
+              "--fixed_noise_step None", file=sys.stderr)
+        return 2
     noise_source = load_model(args.noise_ckpt, key="network_ema")
     network.noise.load_state_dict(noise_source.noise.state_dict())
     network.trained_iterations["noise"] = noise_source.trained_iterations["noise"]

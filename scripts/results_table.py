@@ -28,10 +28,11 @@ def _value(value) -> str:
 
 
 def _sampler(used: dict) -> str:
-    """The sampler that ran, in a few words: DRDD's steps and start, or DDIM's steps and prediction."""
+    """The sampler that ran, in a few words: DRDD's steps, start and fixed noise level, or DDIM's steps and prediction."""
     if used.get("sampler") == "ddim":
         return f"DDIM {used['steps']} steps, predicts {used['prediction']}"
-    return f"{used['residual_steps']}+{used['noise_steps']} steps, start scale {used['start_scale']:g}"
+    level = f", fixed noise step {used['fixed_noise_step']}" if "fixed_noise_step" in used else ""
+    return f"{used['residual_steps']}+{used['noise_steps']} steps, start scale {used['start_scale']:g}{level}"
 
 
 def describe(row: dict) -> str:

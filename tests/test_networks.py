@@ -176,6 +176,21 @@ def test_regression_u_net_reads_source_and_context_and_outputs_image_channels():
         RegressionNetworks.from_preset("huge")
 
 
+def test_residual_regression_adds_the_u_net_output_to_the_centre_source_slice(tmp_path):
+    model = RegressionNetworks.from_preset("tiny", context_slices=3, image_channels=2, residual=True)
+    unet_output = torch.randn(2, 2, 32, 32)
+    model.regression.forward = lambda inputs: unet_output  # a non-zero U-Net output, known exactly
+    inputs = torch.randn(2, 6, 32, 32)  # centre slice (2 channels), then the two context slices
+    torch.testing.assert_close(model(inputs), inputs[:, :2] + unet_output)
+    assert not torch.equal(model(inputs), (inputs[:, 2:4] + unet_output))  # not a context slice
+    # the choice is part of the record: a plain U-Net's checkpoint does not load as a residual one
+    model = _trained_regression(residual=True)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert load_model(tmp_path / "model.pt").residual
+    with pytest.raises(DRDDInputError, match="built as residual-learning regression model.*these as regression model"):
+        _trained_regression().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
 def _trained_regression(iterations=5, **kwargs):
     model = RegressionNetworks.from_preset("tiny", record={"training": {"stages": ["regression"]}}, **kwargs)
     model.trained_iterations["regression"] = iterations
@@ -188,7 +203,7 @@ def test_regression_checkpoint_carries_the_same_record_and_load_model_rebuilds_i
     saved = torch.load(tmp_path / "model.pt", weights_only=True)["_extra_state"]
     assert saved["architecture"] == {
         "method": "regression", "spatial_dims": 2, "image_channels": 1, "context_slices": 3,
-        "network": {"features": list(REGRESSION_PRESETS["tiny"]["features"])},
+        "network": {"features": list(REGRESSION_PRESETS["tiny"]["features"])}, "residual": False,
     }
     assert saved["trained_iterations"] == {"regression": 5} and saved["validation_sampler"] is None
     assert saved["record"] == {"training": {"stages": ["regression"]}}

@@ -39,7 +39,7 @@ def test_an_empty_file_is_refused(tmp_path):
 
 def test_low_dose_rows_add_rmse_and_rows_name_the_sampler_that_ran(tmp_path, capsys):
     drdd = {**_row("drdd", [20.0, 22.0], "default"), "rmse_hu": 16.0, "metrics": "PSNR in the abdomen window",
-            "sampler_used": {"residual_steps": 2, "noise_steps": 0, "start_scale": 0.0}}
+            "sampler_used": {"residual_steps": 2, "noise_steps": 0, "start_scale": 0.0, "fixed_noise_step": 0}}
     drdd["per_case"]["rmse_hu"] = [15.0, 17.0]
     cddim = {**_row("cddim", [30.0, 30.0], overrides={"network_def": {"residual": {"channels": [8, 16]}}}),
              "rmse_hu": 20.0, "sampler_used": {"sampler": "ddim", "steps": 4, "prediction": "sample"}}
@@ -49,7 +49,7 @@ def test_low_dose_rows_add_rmse_and_rows_name_the_sampler_that_ran(tmp_path, cap
     assert results_table.main([str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| SSIM | RMSE (HU) |")
-    assert lines[2].startswith("| drdd, sampler default, [2+0 steps, start scale 0] |") and lines[2].endswith(
+    assert lines[2].startswith("| drdd, sampler default, [2+0 steps, start scale 0, fixed noise step 0] |") and lines[2].endswith(
         "| 16.0 ± 1.4 |")
     assert lines[3].startswith("| cddim, network_def (residual channels 8/16), [DDIM 4 steps, predicts sample] |")
     assert "Metrics: PSNR in the abdomen window." in lines

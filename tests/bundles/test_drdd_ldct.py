@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 from drdd_med.data.datalists import mayo_datalist, prepare_heldout_case, prepare_ldct_datalists
@@ -59,14 +60,15 @@ def inferred(trained):
 
 
 @pytest.fixture(scope="module")
-def noise_stage(trained):
-    """The noise stage alone, trained on the same bundle's full-dose CTs (as the study's docstring says)."""
+def two_stage(trained):
+    """Both stages at the method's fixed noise level (two_stage.json), on the same bundle's data."""
     root, _ = trained
-    other = root.parent / f"{root.name}_noise"
-    bundle_run("training", "--config_file", CONFIGS + "train.json", "--bundle_root", str(other),
-               "--dataset_dir", str(root / "data" / "demo"), "--heldout_dir", str(root / "data" / "heldout"),
-               "--stages", "['noise']", "--max_epochs", "1", "--val_interval", "1000", *FAST, *EMA_EVERY_ITERATION)
-    return other / "models" / "checkpoint_final.pt"
+    other = root.parent / f"{root.name}_two_stage"
+    bundle_run("training", "--config_file", f"['{CONFIGS}train.json','{CONFIGS}two_stage.json']",
+               "--bundle_root", str(other), "--dataset_dir", str(root / "data" / "demo"),
+               "--heldout_dir", str(root / "data" / "heldout"), "--max_epochs", "1", "--val_interval", "1",
+               *FAST, *EMA_EVERY_ITERATION)
+    return other / "models"
 
 
 def test_training_generates_demo_data_held_out_inputs_and_checkpoints(trained):
@@ -108,6 +110,21 @@ def test_inference_denoises_the_held_out_inputs_on_their_grid_and_reruns_skip(in
     assert "2 of 2 cases have a synthetic CT already" in log
 
 
+def test_residual_learning_u_net_baseline_trains_and_denoises_through_the_bundle(trained):
+    """configs/regression_unet.json with --regression_residual True: the RED-CNN-style baseline."""
+    root, _ = trained
+    other = root.parent / f"{root.name}_red"
+    data = ["--dataset_dir", str(root / "data" / "demo"), "--heldout_dir", str(root / "data" / "heldout")]
+    configs = "['{0}train.json','configs/regression_unet.json']".format(CONFIGS)
+    bundle_run("training", "--config_file", configs, "--bundle_root", str(other), "--regression_residual", "True",
+               "--max_epochs", "1", "--val_interval", "1", *data, *FAST, *EMA_EVERY_ITERATION)
+    record = torch.load(other / "models" / "model.pt", weights_only=True)["_extra_state"]
+    assert record["architecture"]["method"] == "regression" and record["architecture"]["residual"] is True
+    configs = "['{0}inference.json','configs/regression_unet.json']".format(CONFIGS)
+    bundle_run("run", "--config_file", configs, "--bundle_root", str(other), *data, *HELD_OUT)
+    assert len(list((other / "eval").glob("*/sct.nii.gz"))) == 2
+
+
 def test_two_stage_sampling_of_a_residual_only_model_is_refused(trained):
     """two_stage.json samples the noise stage; this model never trained it (it would return σ ≈ 1 noise)."""
     root, _ = trained
@@ -145,12 +162,17 @@ def test_report_scores_drdd_against_the_low_dose_input_and_classical_denoisers(i
     assert "pass --overwrite" in again
 
 
-def test_noise_stage_study_scores_the_three_samplers(trained, noise_stage):
+def test_noise_stage_study_scores_the_three_samplers(trained, two_stage):
     root, _ = trained
-    residual_only = run("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root), "--noise_ckpt",
-                        str(root / "models" / "checkpoint_final.pt"), expect_ok=False)
-    assert "the sampler runs the noise stage, which this model never trained" in residual_only
-    args = ("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root), "--noise_ckpt", str(noise_stage))
+    study = ("scripts/ldct_noise_stage_study.py", "--bundle_root", str(root))
+    # the bundle's default residual network (fixed level σ_0) is not the method's: refused, with the fix
+    log = run(*study, "--noise_ckpt", str(two_stage / "checkpoint_final.pt"), expect_ok=False)
+    assert "model.pt: trained at fixed_noise_step 0; the study needs the method's level" in log
+    assert "--fixed_noise_step None" in log
+    residual = ("--residual_ckpt", str(two_stage / "model.pt"))
+    log = run(*study, *residual, "--noise_ckpt", str(root / "models" / "checkpoint_final.pt"), expect_ok=False)
+    assert "the sampler runs the noise stage, which this model never trained" in log
+    args = (*study, *residual, "--noise_ckpt", str(two_stage / "checkpoint_final.pt"))
     log = run(*args)
     results = json.loads((root / "noise_stage_study.json").read_text())
     assert set(results["metrics"]) == {"residual only", "two-stage (method default)", "noise refinement at sigma_0"}
