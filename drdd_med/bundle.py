@@ -21,6 +21,7 @@ from monai.transforms import Compose, LoadImaged
 from monai.utils import convert_to_tensor
 
 from drdd_med.engines import autocast_context
+from drdd_med.errors import DRDDInputError
 from drdd_med.transforms import NormalizeHU
 from drdd_med.transforms.dictionary import CASE_KEY
 
@@ -79,6 +80,22 @@ def _file_digest(*paths: Path) -> str:
     return digest.hexdigest()
 
 
+_TRANSLATORS: dict[tuple, "BundleTranslator"] = {}  # rebuilt translators, one per recipe in this process
+
+
+def _rebuilt_translator(recipe: tuple, model_version: str) -> "BundleTranslator":
+    """An unpickled ``BundleTranslator``: built once per process from its recipe, with the same weights."""
+    if recipe not in _TRANSLATORS:
+        bundle, device, ckpt, batch_size = recipe
+        _TRANSLATORS[recipe] = BundleTranslator(bundle, device=device, ckpt=ckpt, batch_size=batch_size)
+    translator = _TRANSLATORS[recipe]
+    if translator.model_version != model_version:
+        raise DRDDInputError(f"the bundle {translator.model_name} here is version {translator.model_version}, not "
+                             f"{model_version} as where the run started: give every machine the same weights and "
+                             "inference config at the same path")
+    return translator
+
+
 class BundleTranslator:
     """Translate source volumes (e.g. MR) into synthetic CT in HU with a bundle's inference config.
 
@@ -92,6 +109,10 @@ class BundleTranslator:
     ``model_name`` (the bundle folder's name) and ``model_version`` (the bundle's version and a
     digest of the weights and inference config) identify the model in the synthetic series and
     the job journal; other weights or sampler settings give another version.
+
+    A translator pickles as what builds it (bundle folder, weights path, device, batch size) and
+    its ``model_version``: another process (a Ray worker) rebuilds it once, on its own device, from
+    the same paths, and refuses weights that differ there.
     """
 
     def __init__(
@@ -103,6 +124,7 @@ class BundleTranslator:
         batch_size: int | None = None,
     ):
         self.bundle_root = resolve_bundle(bundle)
+        requested_device = str(device or "auto")
         self.device = resolve_device(device)
         parser = ConfigParser()
         parser.read_config(str(self.bundle_root / INFERENCE_CONFIG))
@@ -133,6 +155,10 @@ class BundleTranslator:
         self.model_name = self.bundle_root.name
         digest = _file_digest(weights, self.bundle_root / INFERENCE_CONFIG)
         self.model_version = f"{metadata.get('version', '0')}+{digest[:12]}"
+        self._recipe = (str(self.bundle_root), requested_device, str(weights.resolve()), batch_size)
+
+    def __reduce__(self):
+        return _rebuilt_translator, (self._recipe, self.model_version)
 
     @property
     def model_id(self) -> str:

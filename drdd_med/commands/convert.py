@@ -27,6 +27,13 @@ SOURCE and DESTINATION are each a folder, a DIMSE node dimse://AET@host:port (C-
 or C-MOVE; C-STORE to send), or a DICOMweb root http(s)://host:port/dicom-web (QIDO-RS, WADO-RS;
 STOW-RS to send). DICOMweb credentials come from ${USER_ENV} and ${PASSWORD_ENV}.
 
+Engines: by default the series are converted one after the other in this process. With
+--engine ray (pip install 'drdd-med[ray]') each series is a Ray task on a cluster (--ray-address,
+RAY_ADDRESS, or a Ray started here), with the journal kept by this process; a task whose worker
+dies is rerun, still exactly once. Every Ray machine must see the bundle and weights at the same
+path, and reach the source and the destination (C-GET, not C-MOVE). --num-parts splits the work
+between independent runs instead (job arrays, Kubernetes indexed jobs), each with its own journal.
+
 Exit status: 0 when every selected series was converted or skipped, 1 when some failed (or the
 source could not be queried), 2 for a usage or configuration error."""
 
@@ -83,6 +90,16 @@ def register(subparsers) -> None:
     run_options.add_argument("--part-id", type=int, default=0, metavar="I",
                              help="convert part I (0 .. N-1) only; each part keeps its own journal, "
                                   "FILE.partI-of-N.sqlite beside --journal (default: %(default)s)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: one series after the other here; ray: one Ray task per series (default: %(default)s)")
+    engine.add_argument("--ray-address", metavar="ADDRESS",
+                        help="Ray cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, else a Ray "
+                             "started on this machine)")
+    engine.add_argument("--ray-cpus", type=float, metavar="N", help="CPUs per Ray task (default: 1)")
+    engine.add_argument("--ray-gpus", type=float, metavar="N", help="GPUs per Ray task, e.g. 1 (default: 0)")
+    engine.add_argument("--ray-max-retries", type=int, metavar="N",
+                        help="reruns of a task whose worker died, before the series fails (default: 3)")
     parser.set_defaults(func=run)
 
 
@@ -93,10 +110,30 @@ def _dicomweb_auth() -> tuple[str, str] | None:
     return (user, password) if user else None
 
 
+def _engine(args: argparse.Namespace):
+    """The engine the arguments ask for (``None``: the local one); Ray options need ``--engine ray``."""
+    options = {"address": args.ray_address, "num_cpus": args.ray_cpus, "num_gpus": args.ray_gpus,
+               "max_retries": args.ray_max_retries}
+    given = {key: value for key, value in options.items() if value is not None}
+    if args.engine == "local":
+        if given:
+            raise ValueError("the --ray-* options apply to --engine ray only")
+        return None
+    if args.retrieve == "move":
+        raise ValueError("--engine ray needs --retrieve get: a C-MOVE storage SCP listens on this machine only")
+    from drdd_med.pacs.ray_engine import RayEngine
+
+    try:
+        return RayEngine(**given)
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from drdd_med.bundle import BundleTranslator
     from drdd_med.pacs.convert import BatchConverter
 
+    engine = _engine(args)
     translator = BundleTranslator(args.bundle, device=args.device, ckpt=args.ckpt,
                                   batch_size=args.batch_size)
     rules = SeriesRules(
@@ -118,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                        timeout=args.timeout)
         converter = BatchConverter(source, destination, translator, journal, rules=rules,
                                    attempts=args.attempts, backoff_s=args.backoff, retry_failed=args.retry_failed,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, engine=engine)
         try:
             report = converter.run()
         except JournalLockedError as err:

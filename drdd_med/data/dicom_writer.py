@@ -83,6 +83,11 @@ TYPE_2_KEYWORDS = (
 )
 
 
+def derived_series_uid(source_series_uid: str, model_name: str, model_version: str) -> str:
+    """The synthetic series' UID, derived from its source series and the model: a redo replaces, never duplicates."""
+    return generate_uid(entropy_srcs=[source_series_uid, model_name, model_version, "series"])
+
+
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
@@ -190,7 +195,7 @@ def _series_template(
 
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[source_key, model_name, model_version, "series"])
+    ds.SeriesInstanceUID = derived_series_uid(source_key, model_name, model_version)
     if series_number is None and source.get("SeriesNumber") not in (None, ""):
         series_number = int(source.SeriesNumber) + 1000
     ds.SeriesNumber = series_number if series_number is not None else ""

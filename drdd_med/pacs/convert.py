@@ -13,6 +13,10 @@ After each delivery the destination is asked how many instances of the synthetic
 (a PACS may answer success for an instance it then drops): fewer or more than were sent make the
 series failed as incomplete, its partial series withdrawn where the transport allows (a folder)
 and its UID kept in the journal; the next run redoes it, resending the same instances.
+
+Where the series are converted is the engine's business: ``LocalEngine`` (one after the other, in
+this process) or ``drdd_med.pacs.ray_engine.RayEngine`` (one Ray task per series). Either way the
+journal and the report stay with ``BatchConverter``; ``SeriesConversion`` is the per-series work.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -39,7 +43,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from drdd_med.bundle import BundleTranslator
 from drdd_med.data.dicom import SeriesSelection, quiet_pydicom, read_dicom_series, scan_dicom_series
-from drdd_med.data.dicom_writer import write_derived_ct_series
+from drdd_med.data.dicom_writer import derived_series_uid, write_derived_ct_series
 from drdd_med.data.files import atomic_output
 from drdd_med.errors import DRDDInputError
 from drdd_med.pacs.endpoints import SeriesRef, SeriesRules, TransferError
@@ -113,6 +117,129 @@ class IncompleteSeriesError(TransferError):
         self.series_uid = series_uid
 
 
+@dataclass
+class Outcome:
+    """How converting one series ended, in plain values (it crosses processes under the Ray engine)."""
+
+    output_uid: str = ""  # the synthetic series' UID, when converted
+    reason: str = ""  # why it failed, redacted; empty when converted
+    permanent: bool = False  # the input was refused: redoing it would fail the same way
+    partial_uid: str = ""  # a series the destination holds only partly
+    duration_s: float = 0.0
+
+
+class SeriesConversion:
+    """Fetch, read, translate, write and deliver one series: the part of a run that a worker does.
+
+    It holds the source, the destination and the translator, and pickles as what reopens them (each
+    endpoint reconnects, the translator reloads its bundle once per process), so the Ray engine runs
+    it on other processes and machines. Transfer steps are tried ``attempts`` times with backoff.
+    """
+
+    def __init__(self, source, destination, translator: BundleTranslator, *, attempts: int = 3,
+                 backoff_s: float = 2.0, job_id: str = "-"):
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.source, self.destination, self.translator = source, destination, translator
+        self.attempts, self.backoff_s, self.job_id = attempts, backoff_s, job_id
+
+    def __call__(self, ref: SeriesRef, redact: Redactor, name: str, scratch: Path) -> Outcome:
+        """Convert ``ref``; any failure becomes the ``Outcome``'s redacted reason, never an exception."""
+        started = time.monotonic()
+        try:
+            output_uid = self._convert_series(ref, scratch, redact, name)
+        except Exception as err:  # noqa: BLE001 - one series never stops the batch
+            known = isinstance(err, (DRDDInputError, TransferError))
+            return Outcome(
+                reason=redact(str(err) if known else f"{type(err).__name__}: {err}"),
+                permanent=isinstance(err, DRDDInputError),
+                partial_uid=err.series_uid if isinstance(err, IncompleteSeriesError) else "",
+                duration_s=round(time.monotonic() - started, 3),
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return Outcome(output_uid=output_uid, duration_s=round(time.monotonic() - started, 3))
+
+    def abandoned(self, ref: SeriesRef, reason: str) -> Outcome:
+        """The outcome of a series whose worker was lost: a partial delivery of it is withdrawn where
+        the transport allows (its UID is derived, so it is known without the worker)."""
+        uid = derived_series_uid(ref.series_uid, self.translator.model_name, self.translator.model_version)
+        try:
+            held = self.destination.count(ref.study_uid, uid)
+        except TransferError:
+            held = None
+        if held == 0:
+            return Outcome(reason=reason)
+        if held and self.destination.withdraw(uid):
+            return Outcome(reason=f"{reason}; its partial series was withdrawn", partial_uid=uid)
+        return Outcome(reason=f"{reason}; a partial series may stay at the destination until a rerun completes it",
+                       partial_uid=uid)
+
+    def retry(self, step: Callable[[int], T], what: str, redact: Redactor, name: str = "-") -> T:
+        """``step(attempt)``, tried again after a ``TransferError`` until ``attempts`` tries failed."""
+        attempt = 1
+        while True:
+            try:
+                return step(attempt)
+            except TransferError as err:
+                if attempt >= self.attempts or not err.retryable:
+                    raise
+                wait = self.backoff_s * 2 ** (attempt - 1)
+                attempt += 1
+                logger.warning("job %s %s: %s failed (%s); try %d of %d in %.1f s", self.job_id, name, what,
+                               redact(str(err)), attempt, self.attempts, wait)
+                time.sleep(wait)
+
+    def _convert_series(self, ref: SeriesRef, scratch: Path, redact: Redactor, name: str) -> str:
+        """Fetch, read, translate, write and deliver one series; returns the synthetic series' UID."""
+        files = self.retry(lambda attempt: self.source.fetch(ref, scratch / f"source-{attempt}"), "fetch", redact,
+                           name)
+        # know the patient's name before any message could quote a file named after it; an
+        # unreadable file is reported by the reader just below
+        with quiet_pydicom(), contextlib.suppress(Exception):
+            redact.hide_header(pydicom.dcmread(files[0], stop_before_pixels=True))
+        info = scan_dicom_series(
+            files, SeriesSelection(series_uid=ref.series_uid), expected_modality=self.translator.source_modality,
+            uid_hash=redact.uid,
+        )
+        volume = read_dicom_series(info)
+        synthetic_hu = self.translator.translate(volume, name)
+        written = write_derived_ct_series(
+            synthetic_hu, info, scratch / "synthetic", self.translator.model_name, self.translator.model_version
+        )
+        with quiet_pydicom():
+            header = pydicom.dcmread(written[0], stop_before_pixels=True)
+        output_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+        self.retry(lambda attempt: self._deliver(written, study_uid, output_uid), "delivery", redact, name)
+        return output_uid
+
+    def _deliver(self, files: list[Path], study_uid: str, series_uid: str) -> None:
+        """Deliver a series and check that the destination holds all of it (``IncompleteSeriesError`` if not)."""
+        self.destination.deliver(files, series_uid)
+        stored = self.destination.count(study_uid, series_uid)
+        if stored != len(files):
+            withdrawn = self.destination.withdraw(series_uid)
+            raise IncompleteSeriesError(
+                f"incomplete at the destination: it holds {stored} of the {len(files)} instances sent; "
+                + ("the partial series was withdrawn" if withdrawn else
+                   "the partial series stays there until a rerun completes it (or its administrator withdraws it)"),
+                series_uid,
+            )
+
+
+class LocalEngine:
+    """Convert the series one after the other in this process (the default engine)."""
+
+    description = "local"
+
+    def run(self, conversion: SeriesConversion, jobs: list[tuple[SeriesRef, str]], redact: Redactor,
+            start: Callable[[SeriesRef], None], work: Path) -> Iterator[tuple[SeriesRef, str, Outcome]]:
+        """Yield ``(ref, name, outcome)`` per job; ``start(ref)`` is called just before each one runs."""
+        for ref, name in jobs:
+            start(ref)
+            yield ref, name, conversion(ref, redact, name, work / name.replace(":", "-"))
+
+
 class BatchConverter:
     """Convert the series of ``source`` that match ``rules`` into synthetic CT series at ``destination``.
 
@@ -126,6 +253,9 @@ class BatchConverter:
         backoff_s: wait before the second try; doubled before each further one.
         retry_failed: also redo series whose input was refused in an earlier run.
         progress: show a progress bar (on stderr, when it is a terminal).
+        engine: where the series are converted: ``LocalEngine()`` (default, one after the other here)
+            or ``drdd_med.pacs.ray_engine.RayEngine`` (Ray tasks on a cluster). The journal stays with
+            this process either way.
     """
 
     def __init__(
@@ -140,15 +270,16 @@ class BatchConverter:
         backoff_s: float = 2.0,
         retry_failed: bool = False,
         progress: bool = True,
+        engine=None,
     ):
-        if attempts < 1:
-            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.job_id = uuid.uuid4().hex[:8]
+        self.conversion = SeriesConversion(source, destination, translator, attempts=attempts, backoff_s=backoff_s,
+                                           job_id=self.job_id)
         self.source, self.destination, self.translator = source, destination, translator
         self.journal_path = Path(journal_path)
         self.rules = rules or SeriesRules(modality=translator.source_modality)
-        self.attempts, self.backoff_s = attempts, backoff_s
         self.retry_failed, self.progress = retry_failed, progress
-        self.job_id = uuid.uuid4().hex[:8]
+        self.engine = engine or LocalEngine()
 
     def run(self) -> Report:
         """Convert every matching series not converted yet; ``TransferError`` if the source cannot be queried."""
@@ -170,17 +301,14 @@ class BatchConverter:
             work.mkdir(parents=True)
             try:
                 with redacted_logging(redact):
-                    logger.info("job %s: model %s, source %s, destination %s", self.job_id, report.model,
-                                report.source, report.destination)
+                    logger.info("job %s: model %s, source %s, destination %s, engine %s", self.job_id, report.model,
+                                report.source, report.destination, self.engine.description)
                     try:
-                        refs = self._retry(lambda attempt: self.source.find(self.rules), "query", redact)
+                        refs = self.conversion.retry(lambda attempt: self.source.find(self.rules), "query", redact)
                     except TransferError as err:
                         raise TransferError(redact(str(err))) from None
                     logger.info("job %s: %d series match the selection", self.job_id, len(refs))
-                    bar = tqdm(refs, desc=f"job {self.job_id}", unit="series", disable=None if self.progress else True)
-                    for ref in bar:
-                        report.series.append(self._convert(ref, journal, redact, work))
-                        bar.set_postfix(report.counts, refresh=False)
+                    self._convert_all(refs, journal, redact, work, report)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         report.duration_s = round(time.monotonic() - started, 3)
@@ -192,92 +320,49 @@ class BatchConverter:
         )
         return report
 
-    def _retry(self, step: Callable[[int], T], what: str, redact: Redactor, name: str = "-") -> T:
-        """``step(attempt)``, tried again after a ``TransferError`` until ``attempts`` tries failed."""
-        attempt = 1
-        while True:
-            try:
-                return step(attempt)
-            except TransferError as err:
-                if attempt >= self.attempts or not err.retryable:
-                    raise
-                wait = self.backoff_s * 2 ** (attempt - 1)
-                attempt += 1
-                logger.warning("job %s %s: %s failed (%s); try %d of %d in %.1f s", self.job_id, name, what,
-                               redact(str(err)), attempt, self.attempts, wait)
-                time.sleep(wait)
+    def _convert_all(self, refs: list[SeriesRef], journal: Journal, redact: Redactor, work: Path,
+                     report: Report) -> None:
+        """Skip what the journal says is done (or refused), convert the rest with the engine, journal each end."""
+        bar = tqdm(total=len(refs), desc=f"job {self.job_id}", unit="series", disable=None if self.progress else True)
+        results, jobs, counts = {}, [], Counter()
+        for ref in refs:
+            name = redact.uid(ref.series_uid, "series")
+            result = SeriesResult(name, redact.uid(ref.study_uid, "study"), ref.modality, ref.series_number, "skipped")
+            results[ref.series_uid] = result
+            entry = journal.get(ref.series_uid)
+            if entry is not None and entry.status == "done":
+                result.reason, result.output_series = "converted earlier", redact.uid(entry.output_series_uid, "series")
+                logger.info("job %s %s: skipped, converted earlier", self.job_id, name)
+            elif entry is not None and entry.status == "failed" and entry.permanent and not self.retry_failed:
+                result.reason = f"refused earlier: {entry.reason}"
+                logger.info("job %s %s: skipped, its input was refused earlier", self.job_id, name)
+            else:
+                result.attempts = (entry.attempts if entry else 0) + 1
+                jobs.append((ref, name))
+                continue
+            counts["skipped"] += 1
+            bar.update()
+        for ref, name, outcome in self.engine.run(self.conversion, jobs, redact,
+                                                  lambda ref: journal.start(ref.series_uid), work):
+            self._record(results[ref.series_uid], ref, outcome, journal, redact)
+            counts[results[ref.series_uid].status] += 1
+            bar.update()
+            bar.set_postfix(counts, refresh=False)
+        bar.close()
+        report.series.extend(results[ref.series_uid] for ref in refs)
 
-    def _convert(self, ref: SeriesRef, journal: Journal, redact: Redactor, work: Path) -> SeriesResult:
-        name = redact.uid(ref.series_uid, "series")
-        result = SeriesResult(name, redact.uid(ref.study_uid, "study"), ref.modality, ref.series_number, "skipped")
-        entry = journal.get(ref.series_uid)
-        if entry is not None and entry.status == "done":
-            result.reason, result.output_series = "converted earlier", redact.uid(entry.output_series_uid, "series")
-            logger.info("job %s %s: skipped, converted earlier", self.job_id, name)
-            return result
-        if entry is not None and entry.status == "failed" and entry.permanent and not self.retry_failed:
-            result.reason = f"refused earlier: {entry.reason}"
-            logger.info("job %s %s: skipped, its input was refused earlier", self.job_id, name)
-            return result
-
-        journal.start(ref.series_uid)
-        result.attempts = (entry.attempts if entry else 0) + 1
-        started = time.monotonic()
-        scratch = work / name.replace(":", "-")
-        try:
-            output_uid = self._convert_series(ref, scratch, redact, name)
-        except Exception as err:  # noqa: BLE001 - one series never stops the batch
-            known = isinstance(err, (DRDDInputError, TransferError))
-            permanent = isinstance(err, DRDDInputError)
-            reason = redact(str(err) if known else f"{type(err).__name__}: {err}")
-            partial = err.series_uid if isinstance(err, IncompleteSeriesError) else ""
-            result.status, result.reason = "failed", reason
-            result.output_series = redact.uid(partial, "series") if partial else ""
-            result.duration_s = round(time.monotonic() - started, 3)
-            journal.fail(ref.series_uid, reason, permanent, result.duration_s, output_series_uid=partial)
-            logger.error("job %s %s: failed (%s): %s", self.job_id, name, "input refused" if permanent else "error",
-                         reason)
-            return result
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        result.status, result.output_series = "converted", redact.uid(output_uid, "series")
-        result.duration_s = round(time.monotonic() - started, 3)
-        journal.finish(ref.series_uid, output_uid, result.duration_s)
-        logger.info("job %s %s: converted in %.1f s", self.job_id, name, result.duration_s)
-        return result
-
-    def _convert_series(self, ref: SeriesRef, scratch: Path, redact: Redactor, name: str) -> str:
-        """Fetch, read, translate, write and deliver one series; returns the synthetic series' UID."""
-        files = self._retry(lambda attempt: self.source.fetch(ref, scratch / f"source-{attempt}"), "fetch", redact,
-                            name)
-        # know the patient's name before any message could quote a file named after it; an
-        # unreadable file is reported by the reader just below
-        with quiet_pydicom(), contextlib.suppress(Exception):
-            redact.hide_header(pydicom.dcmread(files[0], stop_before_pixels=True))
-        info = scan_dicom_series(
-            files, SeriesSelection(series_uid=ref.series_uid), expected_modality=self.translator.source_modality,
-            uid_hash=redact.uid,
-        )
-        volume = read_dicom_series(info)
-        synthetic_hu = self.translator.translate(volume, name)
-        written = write_derived_ct_series(
-            synthetic_hu, info, scratch / "synthetic", self.translator.model_name, self.translator.model_version
-        )
-        with quiet_pydicom():
-            header = pydicom.dcmread(written[0], stop_before_pixels=True)
-        output_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
-        self._retry(lambda attempt: self._deliver(written, study_uid, output_uid), "delivery", redact, name)
-        return output_uid
-
-    def _deliver(self, files: list[Path], study_uid: str, series_uid: str) -> None:
-        """Deliver a series and check that the destination holds all of it (``IncompleteSeriesError`` if not)."""
-        self.destination.deliver(files, series_uid)
-        stored = self.destination.count(study_uid, series_uid)
-        if stored != len(files):
-            withdrawn = self.destination.withdraw(series_uid)
-            raise IncompleteSeriesError(
-                f"incomplete at the destination: it holds {stored} of the {len(files)} instances sent; "
-                + ("the partial series was withdrawn" if withdrawn else
-                   "the partial series stays there until a rerun completes it (or its administrator withdraws it)"),
-                series_uid,
-            )
+    def _record(self, result: SeriesResult, ref: SeriesRef, outcome: Outcome, journal: Journal,
+                redact: Redactor) -> None:
+        """Put how a series ended in its report row and the journal, and log it."""
+        result.duration_s = outcome.duration_s
+        if outcome.output_uid:
+            result.status, result.output_series = "converted", redact.uid(outcome.output_uid, "series")
+            journal.finish(ref.series_uid, outcome.output_uid, outcome.duration_s)
+            logger.info("job %s %s: converted in %.1f s", self.job_id, result.series, outcome.duration_s)
+            return
+        result.status, result.reason = "failed", outcome.reason
+        result.output_series = redact.uid(outcome.partial_uid, "series") if outcome.partial_uid else ""
+        journal.fail(ref.series_uid, outcome.reason, outcome.permanent, outcome.duration_s,
+                     output_series_uid=outcome.partial_uid)
+        logger.error("job %s %s: failed (%s): %s", self.job_id, result.series,
+                     "input refused" if outcome.permanent else "error", outcome.reason)

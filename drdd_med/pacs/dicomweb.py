@@ -42,6 +42,7 @@ class _DicomwebClient:
 
     def __init__(self, url: str, auth: tuple[str, str] | None = None, timeout: float = 30.0):
         quiet_network_logging()
+        self._opened_with = (url, auth, timeout)
         self._session = requests.Session()
         self._session.auth = auth
         self.client = DICOMwebClient(url.rstrip("/"), session=self._session, timeout=timeout)
@@ -49,6 +50,10 @@ class _DicomwebClient:
         self.description = f"DICOMweb {url}"
         self.private: tuple[str, ...] = ()
         self.key = f"dicomweb:{url.rstrip('/')}"
+
+    def __reduce__(self):
+        """Pickled as what opens it (credentials included): a Ray worker opens its own session."""
+        return type(self), self._opened_with
 
     def close(self) -> None:
         self._session.close()

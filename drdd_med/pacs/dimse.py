@@ -147,6 +147,10 @@ class _DimseClient:
         self.private: tuple[str, ...] = ()
         self.key = f"dimse:{remote}"
 
+    def __reduce__(self):
+        """Pickled as what opens it: a Ray worker opens its own client (quiet logging included)."""
+        return type(self), (self.remote, self.calling_aet, self.timeout)
+
     def _ae(self) -> AE:
         ae = AE(ae_title=self.calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
@@ -227,6 +231,13 @@ class DimseSource(_DimseClient):
                 )
             except OSError as err:  # a configuration problem, not a transfer to retry
                 raise ValueError(f"cannot listen for C-MOVE on port {move_port}: {err.strerror}") from None
+
+    def __reduce__(self):
+        """Pickled as what opens it (a Ray worker opens its own); a C-MOVE source's SCP listens here only."""
+        if self.retrieve == "move":
+            raise TypeError("a C-MOVE source cannot be used by other processes (its storage SCP listens in this "
+                            "one); retrieve by C-GET")
+        return DimseSource, (self.remote, self.calling_aet, "get", None, "", self.timeout)
 
     def close(self) -> None:
         if self._server is not None:

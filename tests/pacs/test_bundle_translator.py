@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 from model_fixtures import make_real_networks, save_model, with_zero_predictions
 from pacs_helpers import ROOT, SHAPE, write_demo_study
 
+import drdd_med.bundle
 from drdd_med.bundle import BundleTranslator, resolve_bundle
 from drdd_med.data.dicom import read_dicom_series
 from drdd_med.data.writers import to_int16_hu
+from drdd_med.errors import DRDDInputError
 
 
 def test_bundles_resolve_by_name_or_path_and_refuse_unknown_ones(tmp_path):
@@ -79,3 +83,21 @@ def test_gpu_translation_matches_cpu_within_bf16_rounding(tmp_path, translator, 
     reference, networks_off = translator.translate(volume), off.translate(volume)
     contribution_check(torch.as_tensor(gpu.translate(volume)), torch.as_tensor(reference),
                        torch.as_tensor(networks_off), fraction=0.05)
+
+
+def test_a_pickled_translator_is_rebuilt_once_per_process_from_the_same_weights(tmp_path, tiny_model):
+    """How a Ray worker gets the model: the recipe travels, the weights are read there and must match."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(tiny_model["ckpt"].read_bytes())
+    translator = BundleTranslator("drdd_mr2ct", device="cpu", ckpt=ckpt)
+    payload = pickle.dumps(translator)
+    assert len(payload) < 10_000  # the recipe, not the weights
+    first, again = pickle.loads(payload), pickle.loads(payload)
+    assert first is again and first.model_version == translator.model_version
+    volume = np.random.default_rng(0).normal(100, 30, SHAPE).astype(np.float32)
+    np.testing.assert_array_equal(first.translate(volume), translator.translate(volume))
+
+    save_model(ckpt, seed=1)  # other weights at the same path, as on a machine that was not updated
+    drdd_med.bundle._TRANSLATORS.clear()  # as in a fresh worker process
+    with pytest.raises(DRDDInputError, match=r"drdd_mr2ct here is version .*, not .* as where the run started"):
+        pickle.loads(payload)
