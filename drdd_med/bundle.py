@@ -104,7 +104,8 @@ class BundleTranslator:
         device: ``"auto"`` (default: GPU when available), ``"cpu"``, ``"cuda:1"``...
         ckpt: weights file (default: the bundle's ``models/model.pt``); the networks are built from
             the model record it carries, so a model trained on any device runs on any other.
-        batch_size: slices per network call (default: the config's ``slice_batch_size``).
+        batch_size: slices per network call (default: the config's ``slice_batch_size``, within its
+            ``max_batch_pixels``).
 
     ``model_name`` (the bundle folder's name) and ``model_version`` (the bundle's version and a
     digest of the weights and inference config) identify the model in the synthetic series and
@@ -144,6 +145,7 @@ class BundleTranslator:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be at least 1, got {batch_size}")
             self.inferer.slice_batch_size = batch_size
+            self.inferer.max_batch_pixels = None  # the batch asked for, whatever the slice size
         self.precision = _parsed(parser, "precision")
         preprocessing = _parsed(parser, "preprocessing")
         self.preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadImaged)])

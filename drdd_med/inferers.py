@@ -38,6 +38,9 @@ class DRDDInferer(Inferer):
             default ``DRDDSampler(DRDDSchedule())``) for DRDD, ``DDIMSampler`` for the conditional
             diffusion baseline. A regression model takes no steps and ignores it.
         slice_batch_size: slices per network call for 2D models.
+        max_batch_pixels: cap on the pixels (slices × padded slice area) per network call for 2D
+            models, at least one slice (``None``: no cap). On a CPU big batches of big slices run
+            slower per slice (their activations leave the caches): the CPU profile caps them.
         roi_size: sliding-window patch size for 3D models (``None``: the whole volume at once).
         sw_batch_size, overlap, mode: sliding-window options (MONAI's), for 3D models.
         seed: seed of the start and η noise (DRDD); ``None`` draws fresh noise each call.
@@ -48,6 +51,7 @@ class DRDDInferer(Inferer):
         self,
         sampler: DRDDSampler | DDIMSampler | None = None,
         slice_batch_size: int = 32,
+        max_batch_pixels: int | None = None,
         roi_size: Sequence[int] | None = None,
         sw_batch_size: int = 4,
         overlap: float = 0.25,
@@ -58,6 +62,7 @@ class DRDDInferer(Inferer):
         super().__init__()
         self.sampler = sampler or DRDDSampler(DRDDSchedule())
         self.slice_batch_size = slice_batch_size
+        self.max_batch_pixels = max_batch_pixels
         self.roi_size = tuple(roi_size) if roi_size is not None else None
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
@@ -91,14 +96,17 @@ class DRDDInferer(Inferer):
         half = network.context_slices // 2
         offsets = [d for d in range(-half, half + 1) if d != 0]
         translate = self._slice_translator(network, padded.shape)
-        batches = range(0, depth, self.slice_batch_size)
+        batch_size = self.slice_batch_size
+        if self.max_batch_pixels is not None:
+            batch_size = max(1, min(batch_size, self.max_batch_pixels // (padded.shape[-2] * padded.shape[-1])))
+        batches = range(0, depth, batch_size)
         if self.progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="slices", unit="batch", leave=False)
         out = []
         for start in batches:
-            index = torch.arange(start, min(start + self.slice_batch_size, depth), device=volume.device)
+            index = torch.arange(start, min(start + batch_size, depth), device=volume.device)
             source = padded[index]
             context = None
             if offsets:  # same order as RandPairedPatch: centre slice, then neighbours in spatial order

@@ -23,6 +23,10 @@ PROFILES: dict[str, dict] = {
         "val_interval": 35,
         "learning_rate": 5e-4,
         "slice_batch_size": 16,
+        # translation: at most 4 slices of 128² per network call (one 256² or 512² slice), and 2D
+        # weights channels-last; both measured faster on the 2-core CPU (docs/results/conversion_cpu.json)
+        "max_batch_pixels": 65536,
+        "channels_last": True,
     },
     "gpu": {
         "network_preset": "gpu",
@@ -34,6 +38,8 @@ PROFILES: dict[str, dict] = {
         "val_interval": 10,
         "learning_rate": 1e-4,
         "slice_batch_size": 64,
+        "max_batch_pixels": None,
+        "channels_last": False,
     },
 }
 

@@ -32,7 +32,6 @@ import datetime
 import json
 import logging
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from drdd_med.metrics.functional import (
     windowed_rmse,
     windowed_ssim,
 )
+from drdd_med.provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 # config fragments layered on the bundle's configs, per method (MONAI's list form of --config_file)
@@ -295,14 +295,8 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def git_commit() -> dict:
-    """The commit measured, and whether tracked files differ from it (results files and docs aside:
-    rows appended before they are committed do not change what was measured)."""
-    def git(*command):
-        result = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False)
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs", ":(exclude)*.md")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+    """The commit measured and whether the code differed from it (``drdd_med.provenance.git_state``)."""
+    return git_state(ROOT)
 
 
 def describe_device(device) -> str:

@@ -197,3 +197,21 @@ def test_script_is_the_same_command():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "drdd-med benchmark: error: dims must be" in done.stderr
+
+
+def test_conversion_benchmark_times_both_settings_and_compares_their_outputs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_conversion.py"
+    out = tmp_path / "conversion.json"
+    command = [sys.executable, str(script), "--shape", "48x40x3", "--preset", "tiny", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads(out.read_text())
+    before, tuned = written["rows"]
+    assert (before["setting"], tuned["setting"]) == ("before", "tuned") and before["shape"] == [48, 40, 3]
+    for row in (before, tuned):
+        assert row["series_seconds"] > 0 and row["seconds_per_slice"] == pytest.approx(row["series_seconds"] / 3, abs=1e-3)
+    # the same model, translated two ways: equal up to the rounding to whole HU
+    assert tuned["hu_difference_to_before"]["max"] <= 1
+    assert len(written["git_commit"] or "x" * 40) == 40 and written["machine"]["cpu_count"] >= 1
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr

@@ -84,6 +84,22 @@ def test_2d_sampling_is_seeded_and_independent_of_slice_batching(real_networks):
     assert (a - c).abs().mean() > 0.1  # another seed, another start noise (σ = 1 in normalised units)
 
 
+def test_max_batch_pixels_caps_the_slices_per_call_and_changes_no_value(real_networks):
+    net = real_networks()
+    volume = torch.rand(1, 1, 19, 12, 7) * 2 - 1  # padded to 20 x 12 = 240 pixels per slice
+    batches = []
+    hook = net.residual.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    with torch.no_grad():
+        capped = DRDDInferer(slice_batch_size=4, max_batch_pixels=500, seed=5)(volume, net)
+        assert batches[::2] == [2, 2, 2, 1]  # 500 // 240 = 2 slices per call (the last: the 7th); 2 calls each
+        batches.clear()
+        DRDDInferer(slice_batch_size=4, max_batch_pixels=100, seed=5)(volume, net)
+        assert set(batches) == {1}  # a cap below one slice still translates, one slice per call
+        hook.remove()
+        plain = DRDDInferer(slice_batch_size=4, seed=5)(volume, net)
+    torch.testing.assert_close(capped, plain, rtol=0, atol=1e-5)
+
+
 def test_sampler_feeds_each_network_its_time_on_the_method_grid():
     """τ = a_t·T for the residual network and σ_t·T for the noise network, at t = 999 then 499."""
     net = SpyNetworks()

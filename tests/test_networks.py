@@ -275,3 +275,22 @@ def test_conditional_ddim_model_is_sized_as_the_residual_network_and_reloads_fro
 def test_a_noise_conditional_that_is_not_a_boolean_is_refused():
     with pytest.raises(ValueError, match=r"noise_conditional must be a boolean, got 'true' .*--noise_conditional True"):
         DRDDNetworks.from_preset("tiny", noise_conditional="true")
+
+
+def test_channels_last_loading_stores_2d_weights_channels_last_with_the_same_outputs(tmp_path):
+    model = seeded_initialisation(DRDDNetworks.from_preset("tiny"), 0).eval()
+    model.trained_iterations.update(residual=1, noise=1)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    fast = load_model(tmp_path / "model.pt", channels_last=True).eval()
+    conv = fast.residual.conv_in.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x, tau = torch.randn(2, 2, 32, 32), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        reference = model.residual(x, tau)
+        assert reference.abs().mean() > 0.01  # real outputs, not an untrained network's zeros
+        torch.testing.assert_close(fast.residual(x, tau), reference, rtol=1e-4, atol=1e-5)
+    volume_model = seeded_initialisation(DRDDNetworks.from_preset("tiny", spatial_dims=3), 0)
+    volume_model.trained_iterations.update(residual=1, noise=1)
+    torch.save(volume_model.state_dict(), tmp_path / "volume.pt")
+    assert load_model(tmp_path / "volume.pt", channels_last=True).residual.conv_in.conv.weight.is_contiguous()
+

@@ -1,0 +1,136 @@
+"""Series per minute of ``drdd-med convert`` on this machine, with the translation settings before and after
+the CPU tuning of the profiles (``drdd_med.profiles``).
+
+For each series shape a phantom MR DICOM series is written (the demo head, ``write_demo_mr_series``),
+and converted folder to folder by ``BatchConverter`` — reading, translating with the bundle's
+inference config, writing the derived CT series, delivering and counting it — with ``cpu-demo``
+networks whose every layer is seeded (an untrained MONAI diffusion U-Net outputs zeros: never time
+on those). Settings:
+
+- ``before``: what the CPU profile did before the tuning: 16 slices per network call whatever their
+  size, contiguous weights;
+- ``tuned``: the CPU profile now: at most 65,536 pixels per call (one 256² or 512² slice), 2D weights
+  channels-last (``load_model(channels_last=True)``).
+
+Each setting writes its own destination; the script records the seconds, series per minute, seconds
+per slice, and how far the tuned output lies from the ``before`` output (HU, over every voxel), and
+appends the machine, command and commit. Example (the figures in the README)::
+
+    python scripts/benchmark_conversion.py --shape 256x256x150 --shape 512x512x120 \\
+        --output docs/results/conversion_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+
+from drdd_med.benchmark import environment
+from drdd_med.bundle import BundleTranslator
+from drdd_med.data.files import atomic_output
+from drdd_med.networks import DRDDNetworks, seeded_initialisation
+from drdd_med.pacs.convert import BatchConverter
+from drdd_med.pacs.demo import write_demo_mr_series
+from drdd_med.pacs.endpoints import FolderDestination, FolderSource
+from drdd_med.provenance import git_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ("before", "tuned")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a series shape is ROWSxCOLUMNSxSLICES, e.g. 512x512x120")
+    return shape
+
+
+def _model(path: Path, preset: str) -> Path:
+    model = seeded_initialisation(DRDDNetworks.from_preset(preset), 0)
+    model.trained_iterations.update(residual=1, noise=1)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _translator(bundle: str, ckpt: Path, setting: str) -> BundleTranslator:
+    translator = BundleTranslator(bundle, device="cpu", ckpt=ckpt)
+    if setting == "before":
+        translator.inferer.slice_batch_size, translator.inferer.max_batch_pixels = 16, None
+        translator.network.to(memory_format=torch.contiguous_format)
+    return translator
+
+
+def _values(folder: Path) -> dict[str, np.ndarray]:
+    datasets = (pydicom.dcmread(file) for file in sorted(folder.rglob("*.dcm")))
+    return {str(ds.SOPInstanceUID): ds.pixel_array.astype(np.int32) for ds in datasets}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=_shape, action="append", required=True, metavar="RxCxS",
+                        help="series shape, rows x columns x slices (repeat)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--bundle", default="drdd_mr2ct")
+    parser.add_argument("--preset", default="cpu-demo", help="network preset of the seeded model")
+    parser.add_argument("--output", type=Path, required=True, help="JSON results file")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    args = parser.parse_args(argv)
+    settings = args.settings.split(",")
+    if not set(settings) <= set(SETTINGS):
+        parser.error(f"--settings: choose from {', '.join(SETTINGS)}")
+    if args.output.exists() and not args.overwrite:
+        parser.error(f"{args.output} exists; pass --overwrite to replace it")
+
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="drdd-bench-convert-") as tmp:
+        work = Path(tmp)
+        ckpt = _model(work / "model.pt", args.preset)
+        for shape in args.shape:
+            name = "x".join(map(str, shape))
+            source = work / f"series-{name}"
+            write_demo_mr_series(source, 1, shape, (240.0 / shape[0], 240.0 / shape[1], 1.5))
+            outputs = {}
+            for setting in settings:
+                destination = work / f"out-{name}-{setting}"
+                report = BatchConverter(FolderSource(source), FolderDestination(destination),
+                                        _translator(args.bundle, ckpt, setting), work / f"{name}-{setting}.sqlite",
+                                        progress=False).run()
+                if report.counts["converted"] != 1:
+                    print(f"error: the {name} series was not converted: {report.series[0].reason}", file=sys.stderr)
+                    return 1
+                seconds = report.series[0].duration_s
+                outputs[setting] = _values(destination)
+                row = {"shape": list(shape), "setting": setting, "series_seconds": seconds,
+                       "seconds_per_slice": round(seconds / shape[2], 3),
+                       "series_per_minute": round(60.0 / seconds, 3)}
+                if setting != settings[0]:
+                    first = outputs[settings[0]]
+                    difference = np.concatenate([np.abs(outputs[setting][uid] - first[uid]).ravel() for uid in first])
+                    row[f"hu_difference_to_{settings[0]}"] = {"mean": float(difference.mean()),
+                                                                "max": int(difference.max())}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"what": "drdd-med convert, folder to folder, one series", "bundle": args.bundle,
+              "preset": args.preset, "rows": rows, "machine": environment(torch.device("cpu")),
+              "command": "python scripts/benchmark_conversion.py " + " ".join(argv or sys.argv[1:]),
+              **git_state(ROOT), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with atomic_output(args.output, overwrite=args.overwrite) as out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
