@@ -149,3 +149,29 @@ def test_a_series_whose_worker_always_dies_fails_and_the_next_run_redoes_it_once
                             progress=False).run()  # the local engine finishes the job
     assert report.counts == {"converted": 1, "skipped": 1, "failed": 0}
     assert sorted(_series_folders(out).values()) == [8, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["dimse", "dicomweb"])
+def test_ray_engine_against_the_test_orthanc_converts_each_series_once(tmp_path, orthanc, tiny_model, ray_cluster,
+                                                                        transport, capfd, monkeypatch):
+    """The endpoints travel to the workers as what reopens them (DIMSE C-GET, DICOMweb with credentials)."""
+    from pacs_helpers import CLIENT_AET
+
+    for seed in (1, 2):
+        orthanc.upload(write_demo_study(tmp_path / "upload", seed)[0])
+    if transport == "dimse":
+        node, extra = orthanc.dimse, ["--calling-aet", CLIENT_AET]
+    else:
+        node, extra = orthanc.dicomweb, []
+        monkeypatch.setenv("DRDD_DICOMWEB_USER", orthanc.session.auth[0])
+        monkeypatch.setenv("DRDD_DICOMWEB_PASSWORD", orthanc.session.auth[1])
+    args = [node, node, *model_args(tiny_model), *extra, "--journal", str(tmp_path / "j.sqlite"), "--engine", "ray"]
+    code, printed = convert(args, capfd)
+    assert code == 0 and "2 converted, 0 skipped, 0 failed" in printed, printed[-3000:]
+    assert orthanc.count("series") == 4 and orthanc.count("instances") == 4 * 8  # 2 MR + 2 synthetic CT
+    for secret in (*PHI_STRINGS, str(tmp_path)):
+        assert secret not in printed, secret
+    code, printed = convert(args, capfd)
+    assert code == 0 and "0 converted, 2 skipped, 0 failed" in printed
+    assert orthanc.count("instances") == 4 * 8  # a rerun adds nothing
