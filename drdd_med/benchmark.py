@@ -226,6 +226,7 @@ class Configuration:
     precision: str
     compile: bool
     batch_size: int
+    channels_last: bool = False  # weights and inputs channels-last (channels_last_3d for 3D)
 
 
 class _Run:
@@ -234,15 +235,23 @@ class _Run:
     def __init__(self, config: Configuration, device: torch.device, sizes: Sizes, seed: int = SEED):
         self.config, self.device, self.sizes = config, device, sizes
         self.networks = build_networks(config.preset, config.dims, seed)
-        self.networks.to(device)
+        self.networks.to(device, memory_format=self.memory_format)
         self.spatial = (sizes.image_size if self.networks.spatial_dims == 2 else sizes.patch_size,) * \
             self.networks.spatial_dims
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.schedule = DRDDSchedule()
         self.sampler = DRDDSampler(self.schedule)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        if not self.config.channels_last:
+            return torch.contiguous_format
+        return torch.channels_last if self.networks.spatial_dims == 2 else torch.channels_last_3d
+
     def randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, device=self.device, generator=self.generator)
+        values = torch.randn(shape, device=self.device, generator=self.generator)
+        items = len(shape) == self.networks.spatial_dims + 2  # network inputs (a whole 2D volume stays as it is)
+        return values.contiguous(memory_format=self.memory_format) if items else values
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Random source, target and (2.5D) context slices of ``size`` items."""
@@ -393,6 +402,7 @@ def configurations(
     compile_modes: Sequence[bool],
     batch_sizes: Sequence[int] | None,
     quick: bool = False,
+    memory_formats: Sequence[bool] = (False,),
 ) -> list[Configuration]:
     """Every combination asked for, checked before anything runs (a bad option fails at once, not after minutes)."""
     presets = _check_names("presets", presets, list(PRESETS))
@@ -403,12 +413,15 @@ def configurations(
                          "use --precision fp32")
     if not compile_modes:
         raise ValueError("compile: give off, on or both")
+    if not memory_formats:
+        raise ValueError("channels-last: give off, on or both")
     if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
         raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     return [
-        Configuration(preset, dim, precision, compiled, batch)
+        Configuration(preset, dim, precision, compiled, batch, channels_last)
         for preset in presets for dim in dims for precision in precisions for compiled in compile_modes
         for batch in (batch_sizes or (default_batch_size(device, DIMS[dim][0], quick),))
+        for channels_last in memory_formats
     ]
 
 
@@ -457,6 +470,7 @@ def run_benchmark(
     threads: int | None = None,
     quick: bool = False,
     sizes: Sizes | None = None,
+    memory_formats: Sequence[bool] = (False,),
 ) -> dict:
     """Benchmark every configuration asked for and return the report (the JSON ``drdd-med benchmark`` writes).
 
@@ -472,17 +486,18 @@ def run_benchmark(
     # slower, measured) and a smoke run should take a minute whatever else runs
     torch.set_num_threads(threads or (1 if quick else threads_before))
     try:
-        return _run(resolve_device(device), presets, dims, precisions, compile_modes, batch_sizes, quick, sizes)
+        return _run(resolve_device(device), presets, dims, precisions, compile_modes, batch_sizes, quick, sizes,
+                    memory_formats)
     finally:
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
 def _run(target: torch.device, presets, dims, precisions, compile_modes, batch_sizes, quick: bool,
-         sizes: Sizes | None) -> dict:
+         sizes: Sizes | None, memory_formats: Sequence[bool]) -> dict:
     """``run_benchmark`` with the thread count set: options checked first, then the matmul, then each configuration."""
     precisions = precisions or (("fp32", "bf16") if bf16_supported(target) and not quick else ("fp32",))
     todo = configurations(target, presets or default_presets(target, quick), dims, precisions, compile_modes,
-                          batch_sizes, quick)
+                          batch_sizes, quick, memory_formats)
     sizes = sizes or default_sizes(target, quick)
     check_sizes(todo, sizes)
     report = {
@@ -556,6 +571,7 @@ TABLE_COLUMNS = (
     ("dims", lambda r: r["dims"]),
     ("prec", lambda r: r["precision"]),
     ("compile", lambda r: "on" if r["compile"] else "off"),
+    ("ch-last", lambda r: "on" if r.get("channels_last") else "off"),
     ("batch", lambda r: str(r["batch_size"])),
     ("train/s both|res|noise", lambda r: "|".join(f"{r['items_per_s'][k]:.3g}" for k in MEASURES[:3])),
     ("sample/s", lambda r: f"{r['items_per_s']['sample']:.3g}"),

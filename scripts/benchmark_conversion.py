@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
     torch.manual_seed(0)
+    measured = git_state(ROOT)  # the code as the run starts: what is imported and timed
     rows = []
     with tempfile.TemporaryDirectory(prefix="drdd-bench-convert-") as tmp:
         work = Path(tmp)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     result = {"what": "drdd-med convert, folder to folder, one series", "bundle": args.bundle,
               "preset": args.preset, "rows": rows, "machine": environment(torch.device("cpu")),
               "command": "python scripts/benchmark_conversion.py " + " ".join(argv or sys.argv[1:]),
-              **git_state(ROOT), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+              **measured, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with atomic_output(args.output, overwrite=args.overwrite) as out:
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {args.output}")

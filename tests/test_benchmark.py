@@ -27,7 +27,7 @@ TOP_FIELDS = {"schema", "date", "quick", "environment", "method", "sizes", "note
 ENVIRONMENT_FIELDS = {"device", "device_name", "torch", "cuda", "monai", "drdd_med", "python", "threads",
                       "cpu_count", "load_average"}
 MATMUL_FIELDS = {"size", "flop_per_s", "bf16_native", "float32_matmul_precision"}
-RESULT_FIELDS = {"preset", "dims", "precision", "compile", "batch_size", "spatial_dims", "context_slices",
+RESULT_FIELDS = {"preset", "dims", "precision", "compile", "batch_size", "channels_last", "spatial_dims", "context_slices",
                  "item_shape", "parameters", "output_std", "flops_per_item", "items_per_s",
                  "flop_per_s", "matmul_fraction", "volumes", "peak_memory_bytes"}
 MEASURES = {"train_both", "train_residual", "train_noise", "sample"}
@@ -121,6 +121,31 @@ def test_networks_are_timed_with_non_zero_outputs(report):
     assert networks.noise(x[:, :1], t).abs().mean() > 0.01
     for result in report["results"]:
         assert min(result["output_std"].values()) > 0.01
+
+
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_channels_last_runs_the_same_networks_on_the_same_inputs(dims):
+    """The switch changes the memory layout only: item for item the same outputs as the plain layout."""
+    runs = {flag: benchmark._Run(benchmark.Configuration("tiny", dims, "fp32", False, 2, flag), torch.device("cpu"),
+                                 TINY) for flag in (False, True)}
+    layout = torch.channels_last if dims == "2d" else torch.channels_last_3d
+    assert runs[True].networks.residual.conv_in.conv.weight.is_contiguous(memory_format=layout)
+    outputs = {}
+    for flag, run in runs.items():
+        source, target, _ = run.batch(2)
+        with torch.no_grad():
+            outputs[flag] = run.networks.residual(torch.cat([target, source], 1), torch.full((2,), 300.0))
+    assert outputs[False].abs().mean() > 0.01  # real outputs
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_configurations_run_and_are_tabled():
+    result = run_benchmark("cpu", ["tiny"], ["2d"], ["fp32"], [False], [2], threads=1, sizes=TINY,
+                           memory_formats=[False, True])
+    assert [r["channels_last"] for r in result["results"]] == [False, True]
+    lines = format_table(result).splitlines()
+    assert "ch-last" in next(line for line in lines if "preset" in line)
+    assert sorted(line.split()[4] for line in lines if line.startswith("tiny ")) == ["off", "on"]
 
 
 def test_table_has_a_row_per_configuration(report):

@@ -12,7 +12,8 @@ from drdd_med.data.files import atomic_output
 from drdd_med.networks import PRESETS
 
 DESCRIPTION = """\
-Measure, per configuration (network preset, 2d / 2.5d / 3d, precision, torch.compile, batch size):
+Measure, per configuration (network preset, 2d / 2.5d / 3d, precision, torch.compile, channels-last,
+batch size):
 training items/s for both stages and each alone, sampling items/s with the default 2 + 2 sampler,
 seconds per whole volume (256x256x150 on a CPU; 256x256x300 and 512x512x300 on a GPU; a 3D volume
 by sliding window), FLOPs per item, the FLOP/s achieved and their fraction of a dense matmul rate
@@ -65,6 +66,8 @@ def register(subparsers) -> None:
                         "fp32 with --quick)")
     parser.add_argument("--compile", type=_switches, default=[False], metavar="off|on|off,on",
                         help="torch.compile the networks (default: off)")
+    parser.add_argument("--channels-last", type=_switches, default=[False], metavar="off|on|off,on",
+                        help="weights and inputs channels-last, as the CPU profile translates (default: off)")
     parser.add_argument("--batch-size", type=_positive_ints, metavar="N[,N]",
                         help="items per batch (default: 8 slices / 1 patch on a CPU, 32 / 4 on a GPU, "
                         "2 / 1 with --quick)")
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_benchmark(
             device=args.device, presets=args.presets, dims=args.dims, precisions=args.precision,
             compile_modes=args.compile, batch_sizes=args.batch_size, threads=args.threads, quick=args.quick,
+            memory_formats=args.channels_last,
         )
         print(format_table(report))
         if partial:
