@@ -476,9 +476,8 @@ def load_model(path, map_location="cpu", key: str | None = None, sampler=None, *
     initialisation (for the noise stage: an output still carrying σ ≈ 1 of noise). A regression
     model takes no sampler steps, so only its one stage is checked. ``expected`` holds config values
     that must agree with the record (``spatial_dims=2``, ``context_slices=3``,
-    ``noise_conditional=False``...; ``None`` means "whatever the model has"). ``channels_last``
-    stores a 2D model's convolution weights channels-last, which oneDNN convolves faster on a CPU
-    (same values; 3D models are left as they are, unmeasured).
+    ``noise_conditional=False``...; ``None`` means "whatever the model has"). ``channels_last``: see
+    ``place_model``.
     """
     name = Path(path).name
     state = _read_state(path, key, map_location)
@@ -501,6 +500,13 @@ def load_model(path, map_location="cpu", key: str | None = None, sampler=None, *
     load_weights(model, path, key, map_location)
     if sampler is not None:
         check_sampler(model, sampler, name)
+    return place_model(model, channels_last=channels_last)
+
+
+def place_model(model: RecordedModel, device=None, channels_last: bool = False) -> RecordedModel:
+    """``model`` on ``device``, a 2D model's weights channels-last if asked (the CPU profile's layout:
+    oneDNN convolves it faster, for training and translation; same values). 3D models stay as they are."""
+    model.to(device)
     if channels_last and model.spatial_dims == 2:
         model.to(memory_format=torch.channels_last)
     return model

@@ -23,8 +23,9 @@ PROFILES: dict[str, dict] = {
         "val_interval": 35,
         "learning_rate": 5e-4,
         "slice_batch_size": 16,
-        # translation: at most 4 slices of 128² per network call (one 256² or 512² slice), and 2D
-        # weights channels-last; both measured faster on the 2-core CPU (docs/results/conversion_cpu.json)
+        # translation: at most 4 slices of 128² per network call (one 256² or 512² slice); 2D weights
+        # channels-last in training and translation; both measured faster on the 2-core CPU
+        # (docs/results/conversion_cpu.json, docs/results/benchmark_cpu_channels_last.json)
         "max_batch_pixels": 65536,
         "channels_last": True,
     },
