@@ -19,8 +19,8 @@ PROFILES: dict[str, dict] = {
         "patch_size": [64, 64],
         "volumes_per_batch": 2,
         "num_workers": 0,
-        "max_epochs": 140,
-        "val_interval": 35,
+        "max_epochs": 200,  # 1200 iterations of drdd_mr2ct: 12-13 min on 2 cores with channels-last
+        "val_interval": 40,
         "learning_rate": 5e-4,
         "slice_batch_size": 16,
         # translation: at most 4 slices of 128² per network call (one 256² or 512² slice); 2D weights
