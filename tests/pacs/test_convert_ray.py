@@ -70,8 +70,13 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_reruns_add_nothing(t
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*")} == stamps
 
 
-def test_ray_options_without_the_ray_engine_and_c_move_with_it_are_usage_errors(tmp_path, tiny_model, capfd):
+def test_ray_options_without_the_ray_engine_and_c_move_with_it_are_usage_errors(tmp_path, tiny_model, capfd,
+                                                                                 monkeypatch):
     common = [str(tmp_path), str(tmp_path / "out"), *model_args(tiny_model)]
+    with monkeypatch.context() as without_ray:
+        without_ray.setitem(sys.modules, "ray", None)  # as on a machine without the extra: import fails
+        code, printed = convert([*common, "--engine", "ray"], capfd)
+    assert code == 2 and "the Ray engine needs Ray: pip install 'drdd-med[ray]'" in printed
     code, printed = convert([*common, "--ray-gpus", "1"], capfd)
     assert code == 2 and "the --ray-* options apply to --engine ray only" in printed
     code, printed = convert(["dimse://PACS@127.0.0.1:1", str(tmp_path / "out"), *model_args(tiny_model), "--engine",
