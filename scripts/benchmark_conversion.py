@@ -33,10 +33,9 @@ import numpy as np
 import pydicom
 import torch
 
-from drdd_med.benchmark import environment
+from drdd_med.benchmark import build_networks, environment
 from drdd_med.bundle import BundleTranslator
 from drdd_med.data.files import atomic_output
-from drdd_med.networks import DRDDNetworks, seeded_initialisation
 from drdd_med.pacs.convert import BatchConverter
 from drdd_med.pacs.demo import write_demo_mr_series
 from drdd_med.pacs.endpoints import FolderDestination, FolderSource
@@ -57,7 +56,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _model(path: Path, preset: str) -> Path:
-    model = seeded_initialisation(DRDDNetworks.from_preset(preset), 0)
+    model = build_networks(preset, "2d")  # the benchmark's networks: every layer seeded
     model.trained_iterations.update(residual=1, noise=1)
     torch.save(model.state_dict(), path)
     return path
