@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.engines import Evaluator, Trainer
 from monai.utils import convert_to_tensor
 
@@ -41,6 +42,13 @@ class StageBatches:
 
     def __len__(self) -> int:
         return len(self.paired if self.paired is not None else self.pool)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle each loader's ``DistributedSampler`` for ``epoch`` (every rank draws its own share)."""
+        for loader in (self.paired, self.pool):
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(epoch)
 
     def __iter__(self):
         lead_name, lead, other_name, other = (
@@ -85,6 +93,10 @@ class DRDDTrainer(Trainer):
         grad_clip: max gradient norm per network (the reference's 1.0).
         precision: "bf16" (autocast on CUDA; CPU stays fp32) or "fp32".
         residual_loss: the residual stage's loss, "l2" (the method) or "l1" (see ``residual_p_losses``).
+        distributed: train with ``DistributedDataParallel`` in an initialised process group (``torchrun``):
+            each stage's network is wrapped, so gradients are averaged across ranks and every rank
+            keeps identical weights; the loaders' ``DistributedSampler`` are reshuffled every epoch.
+            ``network`` itself stays unwrapped, so checkpoints and the EMA hold plain weights.
     """
 
     def __init__(
@@ -106,6 +118,7 @@ class DRDDTrainer(Trainer):
         regression_optimizer: torch.optim.Optimizer | None = None,
         residual_loss: str = "l2",
         denoise_optimizer: torch.optim.Optimizer | None = None,
+        distributed: bool = False,
     ):
         requested = tuple(network.stages if stages is None else stages)
         unknown = set(requested) - set(network.stages)
@@ -148,6 +161,16 @@ class DRDDTrainer(Trainer):
         self.grad_clip = grad_clip
         self.precision = precision
         self.residual_loss = residual_loss
+        # what each stage's loss calls: the stage's network (the whole model for the regression baseline,
+        # whose forward adds the source back), wrapped for data parallelism when distributed
+        self.stage_forward = {stage: network if stage == "regression" else getattr(network, stage) for stage in stages}
+        if distributed:
+            if not torch.distributed.is_initialized():
+                raise RuntimeError("distributed training needs an initialised process group (launch with torchrun)")
+            device_ids = [torch.device(device)] if torch.device(device).type == "cuda" else None
+            self.stage_forward = {stage: torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+                                  for stage, module in self.stage_forward.items()}
+            self.add_event_handler(Events.EPOCH_STARTED, lambda engine: batches.set_epoch(engine.state.epoch))
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return convert_to_tensor(tensor, track_meta=False).to(self.state.device, non_blocking=self.non_blocking)
@@ -182,7 +205,7 @@ class DRDDTrainer(Trainer):
         channels = self.network.image_channels
         source, target = self._source_target(paired)
         context = source[:, channels:] if source.shape[1] > channels else None
-        return residual_p_losses(self.schedule, self.network.residual, source[:, :channels], target, context,
+        return residual_p_losses(self.schedule, self.stage_forward["residual"], source[:, :channels], target, context,
                                  loss=self.residual_loss)
 
     def _noise_loss(self, pool: dict) -> torch.Tensor:
@@ -190,15 +213,15 @@ class DRDDTrainer(Trainer):
         condition = None
         if self.network.noise_conditional:
             condition = self._to_device(pool["source"])[:, :self.network.image_channels]
-        return noise_p_losses(self.schedule, self.network.noise, target, condition)
+        return noise_p_losses(self.schedule, self.stage_forward["noise"], target, condition)
 
     def _denoise_loss(self, paired: dict) -> torch.Tensor:
         source, target = self._source_target(paired)  # the condition: the source with its context channels
-        return ddim_p_losses(self.schedule, self.network.denoise, source, target, prediction=self.network.prediction)
+        return ddim_p_losses(self.schedule, self.stage_forward["denoise"], source, target, prediction=self.network.prediction)
 
     def _regression_loss(self, paired: dict) -> torch.Tensor:
         source, target = self._source_target(paired)  # the source's context channels are U-Net inputs too
-        return F.l1_loss(self.network(source), target)
+        return F.l1_loss(self.stage_forward["regression"](source), target)
 
 
 class DRDDEvaluator(Evaluator):
