@@ -17,6 +17,7 @@ PROFILES: dict[str, dict] = {
         "network_preset": "cpu-demo",
         "precision": "fp32",
         "patch_size": [64, 64],
+        "patch_size_3d": [32, 32, 16],  # configs/3d.json: training patches and the sliding window
         "volumes_per_batch": 2,
         "num_workers": 0,
         "max_epochs": 200,  # 1200 iterations of drdd_mr2ct: 11 min 56 s on 2 cores with channels-last (bundle README)
@@ -33,6 +34,7 @@ PROFILES: dict[str, dict] = {
         "network_preset": "gpu",
         "precision": "bf16",
         "patch_size": [128, 128],
+        "patch_size_3d": [96, 96, 48],
         "volumes_per_batch": 4,
         "num_workers": 4,
         "max_epochs": 200,

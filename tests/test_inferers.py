@@ -168,6 +168,37 @@ def test_3d_real_network_keeps_shape_and_changes_the_image(real_networks, zero_p
     assert (out - start_only).abs().mean() > 0.05
 
 
+def _sharpest_plane(volume: torch.Tensor) -> float:
+    """The largest jump between neighbouring planes (mean |difference| over the plane), along any axis,
+    relative to the median jump of the planes around it: a seam stands out of its neighbourhood."""
+    worst = 0.0
+    for axis in range(3):
+        jumps = volume.diff(dim=2 + axis).abs().mean(dim=[d for d in (2, 3, 4) if d != 2 + axis])[0, 0]
+        for p in range(3, len(jumps) - 3):
+            around = torch.cat([jumps[p - 3:p - 1], jumps[p + 2:p + 4]])
+            worst = max(worst, float(jumps[p] / around.median()))
+    return worst
+
+
+def test_3d_real_network_windows_leave_no_seams(real_networks):
+    """A volume larger than the window, a network whose output is not zero (the residual stage alone,
+    no start noise, so the output is as smooth as the network makes it): no plane of the windowed
+    output jumps more, against its neighbourhood, than the sharpest plane of the same network's
+    whole-volume run; hard tiles (no overlap, no blending) do, so the measure sees seams."""
+    net = real_networks(spatial_dims=3)
+    sampler = DRDDSampler(DRDDSchedule(fixed_noise_step=0), noise_steps=0, start_scale=0.0)
+    coarse = torch.rand(1, 1, 5, 5, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    volume = F.interpolate(coarse, size=(40, 40, 32), mode="trilinear", align_corners=True)  # smooth anatomy
+    with torch.no_grad():
+        whole = DRDDInferer(sampler, roi_size=None)(volume, net)
+        windowed = DRDDInferer(sampler, roi_size=(16, 16, 16), overlap=0.25, mode="gaussian")(volume, net)
+        tiled = DRDDInferer(sampler, roi_size=(16, 16, 16), overlap=0.0, mode="constant")(volume, net)
+    assert (whole - volume).abs().mean() > 0.05  # the network changes the image
+    bound = 1.1 * _sharpest_plane(whole)
+    assert _sharpest_plane(windowed) <= bound
+    assert _sharpest_plane(tiled) > bound
+
+
 @pytest.mark.parametrize("device", [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
