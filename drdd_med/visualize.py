@@ -58,13 +58,33 @@ def save_panels(
     return Path(path)
 
 
+def source_window(image) -> tuple[float, float]:
+    """The display window of a source image (MR, CBCT, normalised CT): its 0.5th and 99.5th percentiles."""
+    lo, hi = np.percentile(np.asarray(image, dtype=np.float32), [0.5, 99.5])
+    return float(lo), float(hi)
+
+
 def save_translation_preview(
     path: str | os.PathLike, source, synthetic, reference=None, title: str | None = None, overwrite: bool = False
 ) -> Path:
     """source | synthetic CT | reference CT (when given), mid axial slice."""
     source_slice = mid_axial(source)
-    lo, hi = np.percentile(source_slice, [0.5, 99.5])
-    panels = [("source", source_slice, (float(lo), float(hi))), ("synthetic CT", mid_axial(synthetic), CT_WINDOW)]
+    panels = [("source", source_slice, source_window(source_slice)), ("synthetic CT", mid_axial(synthetic), CT_WINDOW)]
     if reference is not None:
         panels.append(("reference CT", mid_axial(reference), CT_WINDOW))
     return save_panels(path, panels, title=title, overwrite=overwrite)
+
+
+def translation_preview_image(source, synthetic, reference=None, window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """source | synthetic CT | reference CT (when given), mid axial slices side by side: one uint8 grey image.
+
+    The CTs are shown in the fixed HU ``window``, so the images of successive validations compare
+    directly; the source in its own ``source_window``. For experiment trackers (TensorBoard, MLflow),
+    which take pixels rather than figures: no titles, nothing but the images.
+    """
+    source_slice = mid_axial(source)
+    panels = [(source_slice, source_window(source_slice)), (mid_axial(synthetic), window)]
+    if reference is not None:
+        panels.append((mid_axial(reference), window))
+    scaled = [np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) for image, (lo, hi) in panels]
+    return np.round(np.concatenate(scaled, axis=1) * 255).astype(np.uint8)

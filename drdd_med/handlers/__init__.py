@@ -13,10 +13,13 @@ from drdd_med.handlers.metrics import (
     WindowedRMSEHandler,
     WindowedSSIMHandler,
 )
+from drdd_med.handlers.preview import MLFlowPreviewHandler, TensorBoardPreviewHandler, validation_preview
 from drdd_med.handlers.writer import SyntheticCTWriter
 
 __all__ = [
     "EMAHandler",
+    "MLFlowPreviewHandler",
+    "TensorBoardPreviewHandler",
     "SyntheticCTWriter",
     "TrainingBudget",
     "MaskedMAEHandler",
@@ -28,4 +31,5 @@ __all__ = [
     "WindowedPSNRHandler",
     "WindowedRMSEHandler",
     "WindowedSSIMHandler",
+    "validation_preview",
 ]
