@@ -75,14 +75,15 @@ def test_documented_combination_trains_one_iteration(files, bundle_roots, tmp_pa
     assert network.context_slices == (3 if "configs/2_5d.json" in files else 1)
 
 
-# --- 2.5D and 3D end to end: the bundle READMEs' commands, train -> inference -> NIfTI on the source grid ---
+# --- 2.5D and 3D end to end: the bundle READMEs' commands, train -> inference -> NIfTI on the source grid,
+# run from another working directory (absolute config paths and --bundle_root, as the READMEs say) ---
 
-TRAIN = "bundles/drdd_mr2ct/configs/train.json"
-INFER = "bundles/drdd_mr2ct/configs/inference.json"
+TRAIN = ROOT / "bundles/drdd_mr2ct/configs/train.json"
+INFER = ROOT / "bundles/drdd_mr2ct/configs/inference.json"
 
 
-def bundle_run(*args):
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=ROOT, capture_output=True,
+def bundle_run(cwd: Path, *args):
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -94,14 +95,17 @@ def bundle_run(*args):
     ("configs/3d.json", 3, 1),
 ])
 def test_2_5d_and_3d_train_and_translate_through_the_bundle(fragment, spatial_dims, context_slices, tmp_path):
-    bundle_run("training", "--config_file", f"['{TRAIN}','{fragment}']", "--bundle_root", str(tmp_path),
+    fragment, elsewhere = ROOT / fragment, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bundle_run(elsewhere, "training", "--config_file", f"['{TRAIN}','{fragment}']", "--bundle_root", str(tmp_path),
                "--network_preset", "tiny", "--num_validation", "2", "--patches_per_volume", "2",
                "--max_epochs", "2", "--val_interval", "2")  # 14 iterations: the EMA (every 10) has followed
     record = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["_extra_state"]
     assert record["architecture"]["spatial_dims"] == spatial_dims
     assert record["architecture"]["context_slices"] == context_slices
-    bundle_run("run", "--config_file", f"['{INFER}','{fragment}']", "--bundle_root", str(tmp_path),
+    bundle_run(elsewhere, "run", "--config_file", f"['{INFER}','{fragment}']", "--bundle_root", str(tmp_path),
                "--num_validation", "2")
+    assert not any(elsewhere.iterdir())  # everything lands under bundle_root
     outputs = sorted((tmp_path / "eval").glob("*/sct.nii.gz"))
     assert len(outputs) == 2
     for sct_path in outputs:
