@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from drdd_med.data.dicom import read_dicom_series, scan_dicom_series
 from drdd_med.pacs.demo import volume_to_dicom_series, write_demo_mr_series
 
 ROOT = Path(__file__).resolve().parents[2]
+# the drdd_mr2ct bundle version, as its metadata.json says: the first part of a model version
+BUNDLE_VERSION = json.loads((ROOT / "bundles" / "drdd_mr2ct" / "configs" / "metadata.json").read_text())["version"]
 SHAPE, SPACING = (32, 32, 8), (6.0, 6.0, 18.0)  # small: under a second per series with the tiny preset
 PATIENT = {"patient_name": "Zzyzx^Quuxley", "patient_birth_date": "19230405"}  # easy to spot in a log
 ORTHANC_AET, CLIENT_AET = "ORTHANC", "DRDD"  # the test PACS, and our AE title registered there

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from model_fixtures import make_real_networks, save_model, with_zero_predictions
-from pacs_helpers import ROOT, SHAPE, write_demo_study
+from pacs_helpers import BUNDLE_VERSION, ROOT, SHAPE, write_demo_study
 
 import drdd_med.bundle
 from drdd_med.bundle import BundleTranslator, resolve_bundle
@@ -36,7 +36,7 @@ def test_dicom_volume_translates_exactly_as_the_bundle_nifti_path(tmp_path, tran
 
 def test_model_version_names_bundle_version_and_weights(tmp_path, translator, tiny_model):
     assert translator.model_name == "drdd_mr2ct" and translator.source_modality == "MR"
-    assert translator.model_version.startswith("0.1.0+") and len(translator.model_version) <= 64
+    assert translator.model_version.startswith(f"{BUNDLE_VERSION}+") and len(translator.model_version) <= 64
     retrained = BundleTranslator("drdd_mr2ct", device="cpu", ckpt=save_model(tmp_path / "other.pt", seed=1),
                                  batch_size=3)
     assert retrained.model_version != translator.model_version  # new weights: new synthetic series UIDs

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pacs_helpers import (
+    BUNDLE_VERSION,
     PATIENT,
     PHI_STRINGS,
     StubTranslator,
@@ -72,7 +73,7 @@ def test_folder_run_converts_good_series_reports_refused_ones_and_logs_no_patien
 
     summary, rows = read_report(runs / "first")
     assert summary["counts"] == {"converted": 2, "skipped": 0, "failed": 3}
-    assert len(rows) == 5 and summary["model"].startswith("drdd_mr2ct 0.1.0+")
+    assert len(rows) == 5 and summary["model"].startswith(f"drdd_mr2ct {BUNDLE_VERSION}+")
     reasons = " | ".join(row["reason"] for row in rows if row["status"] == "failed")
     for expected in ("no CT, MR or PET DICOM images found (1 not a CT, MR or PET image)",
                      "sheared slice stack (gantry tilt", "uneven slice spacing", "missing slices?"):
