@@ -45,6 +45,7 @@ from drdd_med import __version__
 from drdd_med.diffusion import DRDDSampler, DRDDSchedule, noise_p_losses, residual_p_losses
 from drdd_med.inferers import DRDDInferer, bind_networks
 from drdd_med.bundle import resolve_device
+from drdd_med.engines import autocast_context, bf16_supported
 from drdd_med.networks import PRESETS, DRDDNetworks, seeded_initialisation
 
 logger = logging.getLogger(__name__)
@@ -96,16 +97,6 @@ def default_presets(device: torch.device, quick: bool = False) -> tuple[str, ...
     if quick:
         return ("tiny", "cpu-demo")
     return ("gpu", "reference") if device.type == "cuda" else ("cpu-demo",)
-
-
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); elsewhere bf16 autocast is emulated and slow."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check and check())
-
-
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" or cpu_bf16_native()
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -190,11 +181,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA and on a CPU that has bf16; ``engines.autocast_context`` keeps CPUs in fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # --- the networks --------------------------------------------------------------------------------------
@@ -296,7 +282,7 @@ class _Run:
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, self.config.precision):
+            with autocast_context(self.device, self.config.precision):
                 loss = loss_fn()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
@@ -310,7 +296,7 @@ class _Run:
         residual_fn, noise_fn = bind_networks(self.networks, source, context)
 
         def sample():
-            with torch.no_grad(), autocast(self.device, self.config.precision):
+            with torch.no_grad(), autocast_context(self.device, self.config.precision):
                 self.sampler.sample(source, residual_fn, noise_fn, generator=self.generator)
 
         self.networks.eval()
@@ -331,7 +317,7 @@ class _Run:
             volume = self.randn(1, self.networks.image_channels, *shape)
 
             def convert(volume=volume):
-                with torch.no_grad(), autocast(self.device, self.config.precision):
+                with torch.no_grad(), autocast_context(self.device, self.config.precision):
                     inferer(volume, self.networks)
 
             reset_peak_memory(self.device)

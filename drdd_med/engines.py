@@ -66,12 +66,27 @@ class StageBatches:
             yield item
 
 
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA when asked (``precision="bf16"``); full precision otherwise."""
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); elsewhere bf16 autocast is emulated and slow."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 autocast runs natively on ``device``: any CUDA device, a CPU with AVX512-BF16 / AMX."""
+    return torch.device(device).type == "cuda" or cpu_bf16_native()
+
+
+def autocast_context(device: torch.device | str, precision: str):
+    """bf16 autocast when asked (``precision="bf16"``) and ``device`` computes bf16 natively; fp32 otherwise.
+
+    On a CPU without native bf16, autocast would only emulate it, slower than fp32: such a CPU stays in
+    fp32 whatever the profile asks (``docs/results/benchmark_cpu_bf16.json`` measures both on one that has it).
+    """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if precision == "bf16" and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" and bf16_supported(device):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -91,7 +106,7 @@ class DRDDTrainer(Trainer):
             / ``target``); the source carries the 2.5D context channels after its image channels.
         stages: which of the model's stages train (default all; DRDD: "residual", "noise" or both).
         grad_clip: max gradient norm per network (the reference's 1.0).
-        precision: "bf16" (autocast on CUDA; CPU stays fp32) or "fp32".
+        precision: "bf16" (autocast where the device computes bf16 natively, see ``autocast_context``) or "fp32".
         residual_loss: the residual stage's loss, "l2" (the method) or "l1" (see ``residual_p_losses``).
         distributed: train with ``DistributedDataParallel`` in an initialised process group (``torchrun``):
             each stage's network is wrapped, so gradients are averaged across ranks and every rank

@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from drdd_med import benchmark
+from drdd_med import benchmark, engines
 from drdd_med.benchmark import Sizes, build_networks, format_table, forward_flops, run_benchmark
 from drdd_med.cli import main
 from drdd_med.networks import DRDDNetworks
@@ -203,7 +203,7 @@ def test_malformed_option_values_exit_2(options):
 
 
 def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch):
-    monkeypatch.setattr(benchmark, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(engines, "cpu_bf16_native", lambda: False)
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="no native bf16"):
         benchmark.configurations(cpu, ["tiny"], ["2d"], ["bf16"], [False], None)
@@ -231,12 +231,15 @@ def test_conversion_benchmark_times_both_settings_and_compares_their_outputs(tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads(out.read_text())
-    before, tuned = written["rows"]
-    assert (before["setting"], tuned["setting"]) == ("before", "tuned") and before["shape"] == [48, 40, 3]
-    for row in (before, tuned):
+    before, tuned_fp32, tuned = written["rows"]
+    assert [row["setting"] for row in written["rows"]] == ["before", "tuned_fp32", "tuned"]
+    assert before["shape"] == [48, 40, 3]
+    for row in written["rows"]:
         assert row["series_seconds"] > 0 and row["seconds_per_slice"] == pytest.approx(row["series_seconds"] / 3, abs=1e-3)
-    # the same model, translated two ways: equal up to the rounding to whole HU
-    assert tuned["hu_difference_to_before"]["max"] <= 1
+    # the same model, batched and laid out two ways in fp32: equal up to the rounding to whole HU
+    assert tuned_fp32["hu_difference_to_before"]["max"] <= 1
+    # bf16 (where the CPU has it) moves values by its rounding; without it the profile stays in fp32
+    assert (tuned["hu_difference_to_before"]["max"] > 1) == engines.cpu_bf16_native()
     assert len(written["git_commit"] or "x" * 40) == 40 and written["machine"]["cpu_count"] >= 1
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr

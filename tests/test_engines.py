@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from drdd_med import engines
 from drdd_med.diffusion import DRDDSchedule, ddim_p_losses, residual_p_losses
-from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, ensure_new_run
+from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, autocast_context, ensure_new_run
 from drdd_med.errors import OutputExistsError
 from drdd_med.handlers import EMAHandler, MaskedMAEHandler
 from drdd_med.inferers import DRDDInferer
@@ -65,6 +66,17 @@ def test_trainer_records_a_lower_fixed_noise_level_in_the_model():
     DRDDTrainer("cpu", 1, model, torch.optim.Adam(model.residual.parameters()), None, _paired(), None,
                 stages=("residual",), schedule=DRDDSchedule(fixed_noise_step=50))
     assert model.schedule["fixed_noise_step"] == 50
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_on_a_cpu_only_where_it_computes_bf16(monkeypatch, native):
+    """The CPU profile asks for bf16: a CPU with AVX512-BF16 / AMX gets it, any other stays in fp32."""
+    monkeypatch.setattr(engines, "cpu_bf16_native", lambda: native)
+    x = torch.ones(4, 4)
+    with autocast_context("cpu", "bf16"):
+        assert (x @ x).dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast_context("cpu", "fp32"):
+        assert (x @ x).dtype == torch.float32
 
 
 def test_trainer_refuses_a_stage_without_its_data():
@@ -159,7 +171,7 @@ def test_trainer_trains_the_regression_u_net_with_l1_on_source_and_context():
     ema = copy.deepcopy(model)
     initial = copy.deepcopy(model)
     paired = _paired_with_context()
-    trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["regression"],
+    trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["regression"], precision="fp32",
                           regression_optimizer=torch.optim.Adam(model.parameters(), 1e-3),
                           train_handlers=[EMAHandler(model, ema, decay=0.5, every=1)])
     first = []
@@ -190,7 +202,8 @@ def test_trainer_refuses_stages_the_model_does_not_have():
 def test_evaluator_translates_with_a_regression_model_and_records_no_sampler():
     model = RegressionNetworks.from_preset("tiny").eval()
     source = torch.rand(1, 1, 32, 32, 3) * 2 - 1
-    evaluator = DRDDEvaluator("cpu", [{"source": source, "case_id": ["c1"]}], model, DRDDInferer(slice_batch_size=2))
+    evaluator = DRDDEvaluator("cpu", [{"source": source, "case_id": ["c1"]}], model, DRDDInferer(slice_batch_size=2),
+                              precision="fp32")
     evaluator.run()
     pred = evaluator.state.output["pred"]
     with torch.no_grad():
@@ -205,7 +218,7 @@ def test_trainer_trains_the_conditional_ddim_denoiser_on_source_and_context():
     model = seeded_initialisation(ConditionalDiffusionNetworks.from_preset("tiny", context_slices=3, prediction="sample"), 1)
     initial = copy.deepcopy(model)
     paired = _paired_with_context()
-    trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["denoise"],
+    trainer = DRDDTrainer("cpu", 2, model, paired_loader=paired, stages=["denoise"], precision="fp32",
                           denoise_optimizer=torch.optim.Adam(model.parameters(), 1e-3))
     first = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: first.append(e.state.output))
@@ -224,14 +237,16 @@ def test_trainer_trains_the_residual_stage_with_the_chosen_loss():
     model = seeded_initialisation(DRDDNetworks.from_preset("tiny"), 1)
     paired = [{k: F.interpolate(v, size=(32, 32)) for k, v in batch.items()} for batch in _paired(1)]
     schedule = DRDDSchedule()
-    for loss in ("l2", "l1"):
+    for loss, precision in (("l2", "fp32"), ("l1", "fp32"), ("l2", "bf16")):
         trainer = DRDDTrainer("cpu", 1, copy.deepcopy(model), paired_loader=paired, stages=["residual"],
-                              residual_optimizer=torch.optim.SGD(model.parameters(), 0.0), residual_loss=loss)
+                              residual_optimizer=torch.optim.SGD(model.parameters(), 0.0), residual_loss=loss,
+                              precision=precision)
         torch.manual_seed(3)
         trainer.run()
         torch.manual_seed(3)
-        expected = residual_p_losses(schedule, model.residual, paired[0]["source"], paired[0]["target"], loss=loss)
-        assert trainer.state.output["loss_residual"] == pytest.approx(float(expected), rel=1e-5), loss
+        with autocast_context("cpu", precision):  # bf16 (a CPU that has it) differs from fp32 by ~3e-4
+            expected = residual_p_losses(schedule, model.residual, paired[0]["source"], paired[0]["target"], loss=loss)
+        assert trainer.state.output["loss_residual"] == pytest.approx(float(expected), rel=1e-5), (loss, precision)
     with pytest.raises(ValueError, match="residual_loss must be one of"):
         DRDDTrainer("cpu", 1, model, paired_loader=paired, stages=["residual"],
                     residual_optimizer=torch.optim.SGD(model.parameters(), 0.0), residual_loss="l3")
