@@ -12,18 +12,19 @@ import copy
 import torch
 
 PROFILES: dict[str, dict] = {
-    # 2 CPU cores: the demo trains in minutes with small networks. bf16 autocast where the CPU computes
-    # bf16 natively (AVX512-BF16 / AMX: 2.1x faster training, 1.4x faster sampling than fp32,
-    # docs/results/benchmark_cpu_bf16.json); other CPUs stay in fp32 (``engines.autocast_context``)
+    # 2 CPU cores: the demo trains in minutes with small networks, fp32. bf16 autocast (``--precision
+    # bf16``; native on AVX512-BF16 / AMX CPUs) is 2.1x faster for 256² training and 1.4x for sampling
+    # (docs/results/benchmark_cpu_bf16.json) but no faster on the demo's 64² patches, and its effect
+    # on trained models is not yet measured: not the default
     "cpu": {
         "network_preset": "cpu-demo",
-        "precision": "bf16",
+        "precision": "fp32",
         "patch_size": [64, 64],
         "patch_size_3d": [32, 32, 16],  # configs/3d.json: training patches and the sliding window
         "volumes_per_batch": 2,
         "num_workers": 0,
-        "max_epochs": 300,  # 1800 iterations of drdd_mr2ct in bf16 (bundle README: time and validation MAE)
-        "val_interval": 50,
+        "max_epochs": 200,  # 1200 iterations of drdd_mr2ct: 11 min 56 s on 2 cores with channels-last (bundle README)
+        "val_interval": 40,
         "learning_rate": 5e-4,
         "slice_batch_size": 16,
         # translation: at most 4 slices of 128² per network call (one 256² or 512² slice); 2D weights
