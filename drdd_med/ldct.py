@@ -522,14 +522,14 @@ def check_hounsfield(volume_hu: torch.Tensor | np.ndarray, name: str = "volume")
     finite = torch.isfinite(volume)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise NonFiniteError(f"{name}: {bad} voxels are NaN or infinite; low-dose simulation needs finite HU values")
+        raise NonFiniteError(f"{name}: {bad} voxels are NaN or infinite; the simulation needs finite HU values")
     air = float((volume <= -500).float().mean())
     fat = float(((volume >= -200) & (volume <= -50)).float().mean())
     if air < 0.001 and fat < 0.01:
         raise DRDDInputError(
             f"{name}: does not look like CT in Hounsfield units (values {float(volume.min()):.4g} to "
             f"{float(volume.max()):.4g}; {air:.2%} of voxels <= -500 HU (air), {fat:.2%} in -200..-50 HU "
-            "(fat)); low-dose simulation needs CT in HU, not MR, normalised intensities or raw stored values"
+            "(fat)); the simulation needs CT in HU, not MR, normalised intensities or raw stored values"
         )
 
 
@@ -538,6 +538,20 @@ def _check_spacing(spacing_mm: Sequence[float], name: str) -> tuple[float, float
     if len(spacing) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise DRDDInputError(f"{name}: spacing_mm must be 2 or 3 positive numbers (mm), got {spacing_mm}")
     return spacing[0], spacing[1]
+
+
+def check_ct_slices(
+    volume_hu: np.ndarray | torch.Tensor, spacing_mm: Sequence[float], name: str
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """``volume_hu`` as a tensor of axial slices in HU, and its in-plane spacing, both checked (``DRDDInputError``)."""
+    spacing = _check_spacing(spacing_mm, name)
+    volume = torch.as_tensor(volume_hu)
+    if volume.ndim not in (2, 3) or min(volume.shape[:2]) < 2:
+        raise DRDDInputError(
+            f"{name}: expected axial slices (i, j) or a volume (i, j, k), got shape {tuple(volume.shape)}"
+        )
+    check_hounsfield(volume, name)
+    return volume, spacing
 
 
 def low_dose_noise(
@@ -563,13 +577,7 @@ def low_dose_noise(
     """
     dose = check_dose_fraction(dose_fraction)
     _check_window(window)
-    spacing = _check_spacing(spacing_mm, name)
-    volume = torch.as_tensor(volume_hu)
-    if volume.ndim not in (2, 3) or min(volume.shape[:2]) < 2:
-        raise DRDDInputError(
-            f"{name}: expected axial slices (i, j) or a volume (i, j, k), got shape {tuple(volume.shape)}"
-        )
-    check_hounsfield(volume, name)
+    volume, spacing = check_ct_slices(volume_hu, spacing_mm, name)
     work = volume.to(device=device or volume.device, dtype=torch.float32)
     slab = work if work.ndim == 3 else work[:, :, None]
     grid = _Grid(tuple(slab.shape[:2]), spacing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +36,38 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", type=Path, help="full-dose CT in HU: .nii, .nii.gz, .mha, or a DICOM folder or file")
-    parser.add_argument("output", type=Path, help="output file (.nii, .nii.gz, .mha) or, for DICOM input, a folder")
+    add_io_arguments(parser, "full-dose CT")
     parser.add_argument("--dose", type=float, required=True, help="fraction of the full dose, in (0, 1], e.g. 0.25")
+    parser.set_defaults(func=run)
+
+
+def add_io_arguments(parser: argparse.ArgumentParser, source: str) -> None:
+    """IN, OUT, --seed, --device and --overwrite of a simulation command whose input is a ``source`` in HU."""
+    parser.add_argument("input", type=Path, help=f"{source} in HU: .nii, .nii.gz, .mha, or a DICOM folder or file")
+    parser.add_argument("output", type=Path, help="output file (.nii, .nii.gz, .mha) or, for DICOM input, a folder")
     parser.add_argument(
         "--seed", type=int, default=0, help="noise seed; the same seed gives the same output (default 0)"
     )
     parser.add_argument("--device", default="cpu", help="torch device to compute on, e.g. cuda (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.set_defaults(func=run)
 
 
 def _is_dicom(path: Path) -> bool:
     return path.is_dir() or path.name.lower().endswith(DICOM_SUFFIXES)
 
 
-def run(args: argparse.Namespace) -> int:
-    dose = check_dose_fraction(args.dose)
+def simulate_file(
+    args: argparse.Namespace,
+    simulate: Callable[[np.ndarray, np.ndarray, str], np.ndarray],
+    command: str,
+    settings: str,
+    series_description: str,
+) -> int:
+    """Read ``args.input``, write ``simulate(volume_hu, in_plane_spacing_mm, name)`` to ``args.output``.
+
+    ``command``, ``settings`` (e.g. ``"dose 0.25 seed 0"``) and ``series_description`` label a
+    DICOM output. Logs neither file names nor paths (they may name the patient).
+    """
     source, output = Path(args.input), Path(args.output)
     if not source.exists():
         raise FileNotFoundError(f"{source.name}: no such file or folder")
@@ -69,25 +85,38 @@ def run(args: argparse.Namespace) -> int:
     affine = np.asarray(volume.affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :2], axis=0)
     start = time.perf_counter()
-    low_dose = simulate_low_dose(volume.numpy(), spacing, dose, seed=args.seed, device=args.device, name=source.name)
+    simulated = simulate(volume.numpy(), spacing, source.name)
     logger.info(
-        "simulated %.0f %% dose for %s (%s voxels) in %.1f s",
-        100 * dose,
-        source.name,
-        "x".join(map(str, low_dose.shape)),
+        "%s: %s, %s voxels in %.1f s",
+        command,
+        settings,
+        "x".join(map(str, simulated.shape)),
         time.perf_counter() - start,
     )
     if dicom:
         write_derived_ct_series(
-            low_dose,
+            simulated,
             reference,
             output,
-            model_name="drdd_med simulate-ldct",
-            model_version=f"{__version__} dose {dose:g} seed {args.seed}",
-            series_description=f"SYNTHETIC LOW-DOSE CT {100 * dose:g}% DOSE",
+            model_name=f"drdd_med {command}",
+            model_version=f"{__version__} {settings}",
+            series_description=series_description,
             overwrite=args.overwrite,
         )
     else:
-        write_volume(low_dose, affine, output, overwrite=args.overwrite)
-    logger.info("wrote %s", output)
+        write_volume(simulated, affine, output, overwrite=args.overwrite)
+    logger.info("%s: output written", command)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    dose = check_dose_fraction(args.dose)
+    return simulate_file(
+        args,
+        lambda volume, spacing, name: simulate_low_dose(
+            volume, spacing, dose, seed=args.seed, device=args.device, name=name
+        ),
+        "simulate-ldct",
+        f"dose {dose:g} seed {args.seed}",
+        f"SYNTHETIC LOW-DOSE CT {100 * dose:g}% DOSE",
+    )

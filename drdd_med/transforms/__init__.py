@@ -8,6 +8,7 @@ from drdd_med.transforms.array import (
     RandPairedPatch,
     RobustNormalize,
 )
+from drdd_med.transforms.cbct import SimulateCBCT, SimulateCBCTd, SimulateCBCTD, SimulateCBCTDict
 from drdd_med.transforms.ldct import SimulateLowDose, SimulateLowDosed, SimulateLowDoseD, SimulateLowDoseDict
 from drdd_med.transforms.dictionary import (
     BodyMaskd,

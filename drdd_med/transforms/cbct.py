@@ -1,0 +1,134 @@
+"""CT -> CBCT pairs on the fly: ``SimulateCBCT`` (array) and ``SimulateCBCTd`` (dictionary).
+
+Each call draws a scatter-to-primary ratio and a noise seed from the transform's random state
+(``set_random_state`` makes a pipeline reproducible) and returns the simulated CBCT of the CT
+(``drdd_med.cbct.simulate_cbct``: scatter, noise, truncated field of view, miscalibrated HU).
+Images are channel first ``(C, i, j, k)`` (or ``(C, i, j)``) in HU, axial slices along the last
+axis, centred on the isocentre. The in-plane pixel spacing comes from a ``MetaTensor``'s affine, or
+from ``spacing_mm`` for plain arrays.
+
+The simulation projects whole axial slices: place it before in-plane crops. The scatter used is
+recorded in the output's meta (``cbct_scatter_to_primary``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable, Transform
+from monai.utils import convert_to_dst_type, ensure_tuple_rep
+
+from drdd_med.cbct import SCATTER_TO_PRIMARY, simulate_cbct
+from drdd_med.errors import DRDDInputError
+from drdd_med.transforms.ldct import _in_plane_spacing, _name_of
+
+SCATTER_META_KEY = "cbct_scatter_to_primary"
+
+
+class SimulateCBCT(Randomizable, Transform):
+    """CT in HU -> the simulated CBCT of the same anatomy, with a random amount of scatter.
+
+    Args:
+        scatter_to_primary: a fixed SPR behind 200 mm of water (at least 0), or a range
+            ``(low, high)`` drawn uniformly on each call.
+        spacing_mm: in-plane pixel spacing for inputs without an affine (numpy, plain tensors).
+        device: where to compute (default: where the image is).
+        simulator_args: the other physical parameters of ``simulate_cbct`` (``fov_diameter_mm``,
+            ``incident_photons``, ``hu_scale``, ...).
+    """
+
+    def __init__(
+        self,
+        scatter_to_primary: float | Sequence[float] = SCATTER_TO_PRIMARY,
+        spacing_mm: Sequence[float] | None = None,
+        device: torch.device | str | None = None,
+        **simulator_args,
+    ):
+        ratios = (scatter_to_primary,) * 2 if np.isscalar(scatter_to_primary) else tuple(scatter_to_primary)
+        if len(ratios) != 2 or not 0 <= ratios[0] <= ratios[1]:
+            raise DRDDInputError(
+                f"scatter_to_primary: give a ratio >= 0 or a range (low, high), got {scatter_to_primary}"
+            )
+        self.scatter_range = tuple(float(r) for r in ratios)
+        self.spacing_mm = spacing_mm
+        self.device = device
+        self.simulator_args = simulator_args
+        self.scatter_to_primary = self.scatter_range[0]
+        self.seed = 0
+
+    def randomize(self, data=None) -> None:
+        self.scatter_to_primary = float(self.R.uniform(*self.scatter_range))
+        self.seed = int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True, name: str = "image") -> NdarrayOrTensor:
+        """``img`` channel first; each channel is simulated with its own seed (``seed + channel``)."""
+        if randomize:
+            self.randomize()
+        name = _name_of(img, name)
+        if img.ndim not in (3, 4):
+            raise DRDDInputError(f"{name}: expected a channel-first image (C, i, j[, k]), got shape {tuple(img.shape)}")
+        spacing = _in_plane_spacing(img, self.spacing_mm, name)
+        data = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
+        channels = [
+            simulate_cbct(
+                data[c],
+                spacing,
+                seed=self.seed + c,
+                scatter_to_primary=self.scatter_to_primary,
+                device=self.device,
+                name=name,
+                **self.simulator_args,
+            )
+            for c in range(data.shape[0])
+        ]
+        out, *_ = convert_to_dst_type(torch.stack(channels), img, dtype=torch.float32)
+        if isinstance(out, MetaTensor):
+            out.meta[SCATTER_META_KEY] = self.scatter_to_primary
+        return out
+
+
+class SimulateCBCTd(Randomizable, MapTransform):
+    """Dictionary twin of ``SimulateCBCT``: one scatter ratio and seed per call, shared by all ``keys``.
+
+    ``output_key`` (one name, or one per key) keeps the CT and writes the CBCT beside it, e.g.
+    ``keys="ct", output_key="cbct"`` for CBCT -> CT training pairs; by default the images are replaced.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        scatter_to_primary: float | Sequence[float] = SCATTER_TO_PRIMARY,
+        output_key: str | Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
+        **simulator_args,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if output_key is None:
+            self.output_keys = self.keys
+        elif isinstance(output_key, str) and len(self.keys) > 1:
+            raise DRDDInputError(f"output_key: give one output name per key {list(self.keys)}, got {output_key!r}")
+        else:
+            self.output_keys = ensure_tuple_rep(output_key, len(self.keys))
+        self.simulator = SimulateCBCT(scatter_to_primary, **simulator_args)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.simulator.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        self.simulator.randomize()
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        for key, output_key in self.key_iterator(d, self.output_keys):
+            d[output_key] = self.simulator(d[key], randomize=False, name=str(key))
+        return d
+
+
+SimulateCBCTD = SimulateCBCTDict = SimulateCBCTd
