@@ -44,6 +44,24 @@ def test_synthrad_2023_and_2025_layouts(synthrad):
     assert synthrad_datalist(synthrad, task="Task2") == []
 
 
+def test_synthrad_task2_reads_cbct_as_the_source(synthrad):
+    """Task2 (CBCT -> CT): ``Task2/<region>/2PA001/{cbct,ct,mask}``, 2023 (.nii.gz) and 2025 (.mha) alike."""
+    for region, case, suffix in (("pelvis", "2PA001", ".nii.gz"), ("pelvis", "2PC002", ".nii.gz"), ("TH", "2THA001", ".mha")):
+        for name in ("cbct", "ct", "mask"):
+            _touch(synthrad / "Task2" / region / case / f"{name}{suffix}")
+    _touch(synthrad / "Task2" / "pelvis" / "2PA001" / "mr.nii.gz")  # another modality beside it is not the source
+    items = synthrad_datalist(synthrad, task="Task2")
+    assert [it["case_id"] for it in items] == ["2PA001", "2PC002", "2THA001"]
+    assert items[0]["source"].endswith("Task2/pelvis/2PA001/cbct.nii.gz")
+    assert items[0]["target"].endswith("2PA001/ct.nii.gz") and items[0]["mask"].endswith("2PA001/mask.nii.gz")
+    assert items[-1]["source"].endswith("TH/2THA001/cbct.mha")
+    assert [it["case_id"] for it in synthrad_datalist(synthrad, task="Task2", regions=["TH"])] == ["2THA001"]
+    assert [it["case_id"] for it in synthrad_datalist(synthrad)] == ["1BA001", "1BA002", "1BC003", "1HNA001"]
+    (synthrad / "Task2" / "pelvis" / "2PC002" / "cbct.nii.gz").unlink()
+    with pytest.raises(DRDDInputError, match="case 2PC002: no cbct image"):
+        synthrad_datalist(synthrad, task="Task2")
+
+
 def test_synthrad_case_missing_an_image_is_named(synthrad):
     (synthrad / "Task1" / "brain" / "1BA002" / "ct.nii.gz").unlink()
     with pytest.raises(DRDDInputError, match="case 1BA002: no ct image"):
