@@ -13,18 +13,18 @@ recorded in the output's meta (``cbct_scatter_to_primary``).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, Transform
-from monai.utils import convert_to_dst_type, ensure_tuple_rep
+from monai.transforms import Randomizable, Transform
+from monai.utils import convert_to_dst_type
 
 from drdd_med.cbct import SCATTER_TO_PRIMARY, simulate_cbct
 from drdd_med.errors import DRDDInputError
-from drdd_med.transforms.ldct import _in_plane_spacing, _name_of
+from drdd_med.transforms.ldct import _in_plane_spacing, _name_of, _SimulatedScand
 
 SCATTER_META_KEY = "cbct_scatter_to_primary"
 
@@ -91,7 +91,7 @@ class SimulateCBCT(Randomizable, Transform):
         return out
 
 
-class SimulateCBCTd(Randomizable, MapTransform):
+class SimulateCBCTd(_SimulatedScand):
     """Dictionary twin of ``SimulateCBCT``: one scatter ratio and seed per call, shared by all ``keys``.
 
     ``output_key`` (one name, or one per key) keeps the CT and writes the CBCT beside it, e.g.
@@ -106,29 +106,7 @@ class SimulateCBCTd(Randomizable, MapTransform):
         allow_missing_keys: bool = False,
         **simulator_args,
     ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if output_key is None:
-            self.output_keys = self.keys
-        elif isinstance(output_key, str) and len(self.keys) > 1:
-            raise DRDDInputError(f"output_key: give one output name per key {list(self.keys)}, got {output_key!r}")
-        else:
-            self.output_keys = ensure_tuple_rep(output_key, len(self.keys))
-        self.simulator = SimulateCBCT(scatter_to_primary, **simulator_args)
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        self.simulator.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data=None) -> None:
-        self.simulator.randomize()
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
-        d = dict(data)
-        self.randomize()
-        for key, output_key in self.key_iterator(d, self.output_keys):
-            d[output_key] = self.simulator(d[key], randomize=False, name=str(key))
-        return d
+        super().__init__(keys, SimulateCBCT(scatter_to_primary, **simulator_args), output_key, allow_missing_keys)
 
 
 SimulateCBCTD = SimulateCBCTDict = SimulateCBCTd

@@ -117,22 +117,15 @@ class SimulateLowDose(Randomizable, Transform):
         return out
 
 
-class SimulateLowDosed(Randomizable, MapTransform):
-    """Dictionary twin of ``SimulateLowDose``: one dose and seed per call, shared by all ``keys``.
+class _SimulatedScand(Randomizable, MapTransform):
+    """Dictionary twin of a simulator transform: one random draw per call, shared by all ``keys``.
 
-    ``output_key`` (one name, or one per key) keeps the full-dose image and writes the low-dose one
-    beside it, e.g. ``keys="ct", output_key="ct_low"`` for training pairs; by default the images
-    are replaced.
+    ``output_key`` (one name, or one per key) keeps the input image and writes the simulated one
+    beside it; by default the images are replaced.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        dose_fraction: float | Sequence[float] = (0.1, 0.5),
-        output_key: str | Sequence[str] | None = None,
-        allow_missing_keys: bool = False,
-        **simulator_args,
-    ):
+    def __init__(self, keys: KeysCollection, simulator: Randomizable, output_key: str | Sequence[str] | None,
+                 allow_missing_keys: bool):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if output_key is None:
             self.output_keys = self.keys
@@ -140,7 +133,7 @@ class SimulateLowDosed(Randomizable, MapTransform):
             raise DRDDInputError(f"output_key: give one output name per key {list(self.keys)}, got {output_key!r}")
         else:
             self.output_keys = ensure_tuple_rep(output_key, len(self.keys))
-        self.simulator = SimulateLowDose(dose_fraction, **simulator_args)
+        self.simulator = simulator
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
@@ -156,6 +149,25 @@ class SimulateLowDosed(Randomizable, MapTransform):
         for key, output_key in self.key_iterator(d, self.output_keys):
             d[output_key] = self.simulator(d[key], randomize=False, name=str(key))
         return d
+
+
+class SimulateLowDosed(_SimulatedScand):
+    """Dictionary twin of ``SimulateLowDose``: one dose and seed per call, shared by all ``keys``.
+
+    ``output_key`` (one name, or one per key) keeps the full-dose image and writes the low-dose one
+    beside it, e.g. ``keys="ct", output_key="ct_low"`` for training pairs; by default the images
+    are replaced.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        dose_fraction: float | Sequence[float] = (0.1, 0.5),
+        output_key: str | Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
+        **simulator_args,
+    ):
+        super().__init__(keys, SimulateLowDose(dose_fraction, **simulator_args), output_key, allow_missing_keys)
 
 
 SimulateLowDoseD = SimulateLowDoseDict = SimulateLowDosed
