@@ -2,8 +2,9 @@
 
 The bundle's ``configs/inference.json`` is parsed once; its ``network``, ``inferer`` and the
 ``preprocessing`` transforms after ``LoadImaged`` are used as they are, and HU come out as
-``DRDDEvaluator`` makes them (``NormalizeHU.to_hu``, clamped to the CT range). A volume read from
-DICOM therefore goes through the same model code as a NIfTI file run by ``monai.bundle run``.
+``DRDDEvaluator`` makes them (``drdd_med.engines.prediction_to_hu``: the mean clamped to the CT range,
+the std of several samples scaled alone). A volume read from DICOM therefore goes through the same
+model code as a NIfTI file run by ``monai.bundle run``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged
 from monai.utils import convert_to_tensor
 
-from drdd_med.engines import autocast_context
+from drdd_med.engines import autocast_context, prediction_to_hu
 from drdd_med.errors import DRDDInputError
 from drdd_med.transforms import NormalizeHU
 from drdd_med.transforms.dictionary import CASE_KEY
@@ -86,8 +87,9 @@ _TRANSLATORS: dict[tuple, "BundleTranslator"] = {}  # rebuilt translators, one p
 def _rebuilt_translator(recipe: tuple, model_version: str) -> "BundleTranslator":
     """An unpickled ``BundleTranslator``: built once per process from its recipe, with the same weights."""
     if recipe not in _TRANSLATORS:
-        bundle, device, ckpt, batch_size = recipe
-        _TRANSLATORS[recipe] = BundleTranslator(bundle, device=device, ckpt=ckpt, batch_size=batch_size)
+        bundle, device, ckpt, batch_size, num_samples = recipe
+        _TRANSLATORS[recipe] = BundleTranslator(bundle, device=device, ckpt=ckpt, batch_size=batch_size,
+                                                num_samples=num_samples)
     translator = _TRANSLATORS[recipe]
     if translator.model_version != model_version:
         raise DRDDInputError(f"the bundle {translator.model_name} here is version {translator.model_version}, not "
@@ -106,12 +108,15 @@ class BundleTranslator:
             the model record it carries, so a model trained on any device runs on any other.
         batch_size: slices per network call (default: the config's ``slice_batch_size``, within its
             ``max_batch_pixels``).
+        num_samples: samples per volume (default: the config's ``num_samples``); with more than one
+            the synthetic CT is their mean, and ``translate_with_std`` gives their std too.
 
     ``model_name`` (the bundle folder's name) and ``model_version`` (the bundle's version and a
-    digest of the weights and inference config) identify the model in the synthetic series and
-    the job journal; other weights or sampler settings give another version.
+    digest of the weights and inference config, then ``.meanS`` for a mean of S > 1 samples)
+    identify the model in the synthetic series and the job journal; other weights, sampler settings
+    or numbers of samples give another version (and other series UIDs).
 
-    A translator pickles as what builds it (bundle folder, weights path, device, batch size) and
+    A translator pickles as what builds it (bundle folder, weights path, device, batch size, samples) and
     its ``model_version``: another process (a Ray worker) rebuilds it once, on its own device, from
     the same paths, and refuses weights that differ there.
     """
@@ -123,6 +128,7 @@ class BundleTranslator:
         device: str | torch.device | None = "auto",
         ckpt: str | os.PathLike | None = None,
         batch_size: int | None = None,
+        num_samples: int | None = None,
     ):
         self.bundle_root = resolve_bundle(bundle)
         requested_device = str(device or "auto")
@@ -133,6 +139,8 @@ class BundleTranslator:
         parser["device"] = f"$torch.device('{self.device}')"
         if ckpt is not None:
             parser["ckpt_path"] = str(Path(ckpt).resolve())
+        if num_samples is not None:
+            parser["num_samples"] = num_samples  # the config's inferer reads it (and checks it)
         weights = Path(_parsed(parser, "ckpt_path"))
         if not weights.is_file():
             raise FileNotFoundError(f"{weights.name}: the bundle has no trained weights here (train it or pass ckpt)")
@@ -146,6 +154,8 @@ class BundleTranslator:
                 raise ValueError(f"batch_size must be at least 1, got {batch_size}")
             self.inferer.slice_batch_size = batch_size
             self.inferer.max_batch_pixels = None  # the batch asked for, whatever the slice size
+        if num_samples is not None and self.inferer.num_samples != num_samples:
+            raise ValueError(f"{INFERENCE_CONFIG} of {self.bundle_root.name} does not pass num_samples to its inferer")
         self.precision = _parsed(parser, "precision")
         preprocessing = _parsed(parser, "preprocessing")
         self.preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadImaged)])
@@ -157,10 +167,17 @@ class BundleTranslator:
         self.model_name = self.bundle_root.name
         digest = _file_digest(weights, self.bundle_root / INFERENCE_CONFIG)
         self.model_version = f"{metadata.get('version', '0')}+{digest[:12]}"
-        self._recipe = (str(self.bundle_root), requested_device, str(weights.resolve()), batch_size)
+        if self.num_samples > 1:  # a mean of samples is another output than one sample
+            self.model_version += f".mean{self.num_samples}"
+        self._recipe = (str(self.bundle_root), requested_device, str(weights.resolve()), batch_size, num_samples)
 
     def __reduce__(self):
         return _rebuilt_translator, (self._recipe, self.model_version)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per volume: more than one gives a mean synthetic CT and its per-voxel std."""
+        return self.inferer.num_samples
 
     @property
     def model_id(self) -> str:
@@ -171,10 +188,17 @@ class BundleTranslator:
 
         ``name`` (a case label, never patient data) appears in the messages of refused volumes.
         """
+        return self.translate_with_std(volume, name)[0]
+
+    def translate_with_std(
+        self, volume: MetaTensor | torch.Tensor | np.ndarray, name: str = "case"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``translate``'s synthetic CT and, with ``num_samples`` > 1, the per-voxel std over the samples
+        in HU (float32, same grid; ``None`` for one sample)."""
         volume = volume if isinstance(volume, torch.Tensor) else torch.as_tensor(np.asarray(volume))
         data = self.preprocessing({"source": volume[None], CASE_KEY: name})
         source = convert_to_tensor(data["source"], track_meta=False)[None].to(self.device)  # (1, C, X, Y, Z)
         with torch.no_grad(), autocast_context(self.device, self.precision):
-            pred = self.inferer(source, self.network)
-        hu = self.to_hu.to_hu(pred.float()).clamp(*self.to_hu.hu_range)
-        return torch.as_tensor(hu)[0, 0].cpu().numpy()
+            mean, std = self.inferer.mean_and_std(source, self.network)
+        hu, std_hu = prediction_to_hu(self.to_hu, mean, std)
+        return hu[0, 0].cpu().numpy(), None if std_hu is None else std_hu[0, 0].cpu().numpy()

@@ -246,6 +246,8 @@ class DRDDEvaluator(Evaluator):
     optionally ``target`` (reference CT in HU, not normalised) and ``mask``. The output dict has
     ``pred`` (HU, clipped to the CT range of the normalisation), ``source``, and ``label``/``mask``
     when given, each ``(1, C, X, Y, Z)``; ``case_id`` and the source ``affine`` come along for writers.
+    With an inferer of ``num_samples`` > 1, ``pred`` is the mean of the samples and ``pred_std`` their
+    per-voxel standard deviation in HU (``prediction_to_hu``).
     """
 
     def __init__(
@@ -287,9 +289,11 @@ class DRDDEvaluator(Evaluator):
         source = convert_to_tensor(batchdata["source"], track_meta=False).to(device)
         self.network.eval()
         with torch.no_grad(), autocast_context(device, self.precision):
-            pred = self.inferer(source, self.network)
-        pred = self.to_hu.to_hu(pred.float()).clamp(*self.to_hu.hu_range)
-        output = {"pred": torch.as_tensor(pred), "source": source, "case_id": batchdata.get("case_id", ["case"])[0]}
+            mean, std = self.inferer.mean_and_std(source, self.network)
+        pred, pred_std = prediction_to_hu(self.to_hu, mean, std)
+        output = {"pred": pred, "source": source, "case_id": batchdata.get("case_id", ["case"])[0]}
+        if pred_std is not None:
+            output["pred_std"] = pred_std
         affine = getattr(batchdata["source"], "affine", None)
         if affine is not None:
             output["affine"] = torch.as_tensor(affine)[0] if torch.as_tensor(affine).ndim == 3 else torch.as_tensor(affine)
@@ -297,6 +301,21 @@ class DRDDEvaluator(Evaluator):
             if key in batchdata:
                 output[out_key] = convert_to_tensor(batchdata[key], track_meta=False).to(device).float()
         return output
+
+
+def prediction_to_hu(
+    to_hu: NormalizeHU, mean: torch.Tensor, std: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A translation's mean and std (normalised, ``DRDDInferer.mean_and_std``) in HU: the one place they are mapped.
+
+    The mean goes through ``to_hu.to_hu`` and is clamped to its CT range; the std, a spread, scales by
+    the slope of that linear map alone (no offset, no clamp). Both come back as float32 tensors.
+    """
+    pred = torch.as_tensor(to_hu.to_hu(mean.float()).clamp(*to_hu.hu_range))
+    if std is None:
+        return pred, None
+    slope = (to_hu.to_hu(torch.ones(1)) - to_hu.to_hu(torch.zeros(1))).item()
+    return pred, torch.as_tensor(std.float() * slope)
 
 
 def lower_is_better(current: float, prev: float) -> bool:

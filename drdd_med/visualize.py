@@ -1,4 +1,4 @@
-"""Pictures worth looking at: side-by-side previews of volumes (mid axial slice, HU windows)."""
+"""Pictures worth looking at: side-by-side previews of volumes (mid axial slice, HU windows), uncertainty maps."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def save_panels(
     cmaps: Sequence[str] | None = None,
     overwrite: bool = False,
     rows: int = 1,
+    colorbar_label: str = "HU",
 ) -> Path:
     """Save 2D images side by side as a PNG: ``panels`` is ``(title, image, (vmin, vmax) or None)``.
 
     With ``rows`` > 1 the panels fill a grid row by row; a panel whose image is ``None`` stays blank.
+    Colour bars (``colorbar``, per panel) are labelled ``colorbar_label``.
     """
     import matplotlib
 
@@ -48,7 +50,7 @@ def save_panels(
         im = ax.imshow(image, cmap=(cmaps[i] if cmaps else "gray"), vmin=vmin, vmax=vmax)
         ax.set_title(name, fontsize=10)
         if colorbar and colorbar[i]:
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="HU")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=colorbar_label)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -73,6 +75,25 @@ def save_translation_preview(
     if reference is not None:
         panels.append(("reference CT", mid_axial(reference), CT_WINDOW))
     return save_panels(path, panels, title=title, overwrite=overwrite)
+
+
+def save_std_preview(
+    path: str | os.PathLike, std, synthetic=None, title: str | None = None, overwrite: bool = False
+) -> Path:
+    """The per-voxel std of several samples (HU), mid axial slice in ``magma`` with a colour bar "std (HU)".
+
+    The colour scale runs from 0 to the slice's 99th percentile (at least 1 HU), so a few extreme
+    voxels do not wash out the rest; the mean synthetic CT (when given) is shown beside it.
+    """
+    std_slice = mid_axial(std)
+    top = max(float(np.percentile(std_slice, 99)), 1.0)
+    panels = [("std over samples", std_slice, (0.0, top))]
+    flags, cmaps = [True], ["magma"]
+    if synthetic is not None:
+        panels.insert(0, ("synthetic CT (mean)", mid_axial(synthetic), CT_WINDOW))
+        flags, cmaps = [False, *flags], ["gray", *cmaps]
+    return save_panels(path, panels, title=title, colorbar=flags, cmaps=cmaps, overwrite=overwrite,
+                       colorbar_label="std (HU)")
 
 
 def translation_preview_image(source, synthetic, reference=None, window: tuple[float, float] = CT_WINDOW) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,11 @@ their UIDs; logs carry no patient data or paths.
 SOURCE and DESTINATION are each a folder, a DIMSE node dimse://AET@host:port (C-FIND, then C-GET
 or C-MOVE; C-STORE to send), or a DICOMweb root http(s)://host:port/dicom-web (QIDO-RS, WADO-RS;
 STOW-RS to send). DICOMweb credentials come from ${USER_ENV} and ${PASSWORD_ENV}.
+
+Uncertainty: --num-samples N draws N samples per series (the synthetic CT is their mean, under a
+model version ending in .meanN) and --std-series adds a second derived series per source series,
+the per-voxel standard deviation over the N samples in HU, with its own UIDs; the journal marks a
+series done only when both are delivered in full.
 
 Engines: by default the series are converted one after the other in this process. With
 --engine ray (pip install 'drdd-med[ray]') each series is a Ray task on a cluster (--ray-address,
@@ -62,6 +68,11 @@ def register(subparsers) -> None:
     model.add_argument("--ckpt", type=Path, metavar="FILE", help="weights file (default: the bundle's models/model.pt)")
     model.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     model.add_argument("--batch-size", type=int, metavar="N", help="slices per network call (default: the bundle's)")
+    model.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                       help="samples per series; the synthetic CT is their per-voxel mean (default: %(default)s)")
+    model.add_argument("--std-series", action="store_true",
+                       help="also write the per-voxel std over the samples (HU) as a second derived series "
+                            "(needs --num-samples of at least 2)")
 
     network = parser.add_argument_group("network")
     network.add_argument("--calling-aet", default="DRDD", metavar="AET",
@@ -100,7 +111,17 @@ def register(subparsers) -> None:
     engine.add_argument("--ray-gpus", type=float, metavar="N", help="GPUs per Ray task, e.g. 1 (default: 0)")
     engine.add_argument("--ray-max-retries", type=int, metavar="N",
                         help="reruns of a task whose worker died, before the series fails (default: 3)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=functools.partial(run, parser=parser))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _dicomweb_auth() -> tuple[str, str] | None:
@@ -129,13 +150,15 @@ def _engine(args: argparse.Namespace):
         raise ValueError(str(err)) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from drdd_med.bundle import BundleTranslator
     from drdd_med.pacs.convert import BatchConverter
 
+    if args.std_series and args.num_samples < 2:
+        parser.error("--std-series needs --num-samples of at least 2 (a std over one sample does not exist)")
     engine = _engine(args)
     translator = BundleTranslator(args.bundle, device=args.device, ckpt=args.ckpt,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, num_samples=args.num_samples)
     rules = SeriesRules(
         modality=args.modality or translator.source_modality,
         description=args.description,
@@ -155,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                                        timeout=args.timeout)
         converter = BatchConverter(source, destination, translator, journal, rules=rules,
                                    attempts=args.attempts, backoff_s=args.backoff, retry_failed=args.retry_failed,
-                                   progress=not args.no_progress, engine=engine)
+                                   progress=not args.no_progress, engine=engine, std_series=args.std_series)
         try:
             report = converter.run()
         except JournalLockedError as err:

@@ -6,6 +6,11 @@ derived deterministically from the source SOP Instance UIDs, model name and vers
 reproduces the same objects instead of a duplicate series), int16 pixels with one rescale, and the
 provenance and "synthetic" markers planning systems and PACS look for. The series appears in its
 folder only when every file is written.
+
+The per-voxel standard deviation of several samples (``DRDDInferer`` with ``num_samples`` > 1) is
+written the same way as a second derived series (``std_of_samples``): same grid, study and frame of
+reference, its own UIDs (derived with "std" added), a SeriesDescription naming it the uncertainty,
+and 0.1 HU steps (RescaleSlope 0.1) so that std values of a few HU keep their precision.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ logger = logging.getLogger(__name__)
 MANUFACTURER = "drdd_med"
 GRID_TOLERANCE_MM = 1e-3
 SOFT_TISSUE_WINDOW = (40, 400)  # centre, width in HU
+STD_WINDOW = (50, 100)  # centre, width in HU: std maps from 0 to 100 HU
+STD_RESCALE_SLOPE = 0.1  # HU per stored value of a std map: 0.1 HU steps, up to 3276.7 HU
 # BodyPartExamined defined terms of unpaired structures: Laterality (Type 2C) must then be absent.
 UNPAIRED_BODY_PARTS = frozenset(
     "HEAD BRAIN SKULL NECK HEADNECK CHEST ABDOMEN PELVIS ABDOMENPELVIS CHESTABDOMEN CHESTABDPELVIS SPINE "
@@ -83,9 +90,15 @@ TYPE_2_KEYWORDS = (
 )
 
 
-def derived_series_uid(source_series_uid: str, model_name: str, model_version: str) -> str:
-    """The synthetic series' UID, derived from its source series and the model: a redo replaces, never duplicates."""
-    return generate_uid(entropy_srcs=[source_series_uid, model_name, model_version, "series"])
+def derived_series_uid(source_series_uid: str, model_name: str, model_version: str, std: bool = False) -> str:
+    """The synthetic series' UID (``std``: its std map's), derived from its source series and the model:
+    a redo replaces, never duplicates."""
+    return generate_uid(entropy_srcs=[source_series_uid, model_name, model_version, *_std_tag(std), "series"])
+
+
+def _std_tag(std: bool) -> list[str]:
+    """What the UIDs of a std map add to the entropy of the synthetic CT's (nothing for the synthetic CT)."""
+    return ["std"] if std else []
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -160,9 +173,11 @@ def _ds(value: float) -> DSfloat:
 
 
 def _series_template(
-    reference: SeriesInfo, model_name: str, model_version: str, series_description: str, series_number: int | None
+    reference: SeriesInfo, model_name: str, model_version: str, series_description: str, series_number: int | None,
+    std_of_samples: int | None = None,
 ) -> Dataset:
-    """The attributes every slice of the derived series shares."""
+    """The attributes every slice of the derived series shares (of a std map over ``std_of_samples`` samples)."""
+    std = std_of_samples is not None
     source = reference.header
     source_key = reference.series_uid or reference.slices[0].sop_instance_uid
     now = datetime.datetime.now()
@@ -195,9 +210,9 @@ def _series_template(
 
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
-    ds.SeriesInstanceUID = derived_series_uid(source_key, model_name, model_version)
+    ds.SeriesInstanceUID = derived_series_uid(source_key, model_name, model_version, std=std)
     if series_number is None and source.get("SeriesNumber") not in (None, ""):
-        series_number = int(source.SeriesNumber) + 1000
+        series_number = int(source.SeriesNumber) + (2000 if std else 1000)
     ds.SeriesNumber = series_number if series_number is not None else ""
     ds.SeriesDescription = series_description
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -211,13 +226,15 @@ def _series_template(
     equipment.ManufacturerModelName = model_name
     equipment.SoftwareVersions = software
     equipment.PurposeOfReferenceCodeSequence = Sequence([_code("109100", "DCM", "Synthesizing Equipment")])
-    equipment.ContributionDescription = f"Synthetic CT predicted by {model_name} {model_version}"
+    what = f"Per-voxel standard deviation in HU over {std_of_samples} samples of the synthetic CT" if std \
+        else "Synthetic CT"
+    equipment.ContributionDescription = f"{what} predicted by {model_name} {model_version}"
     ds.ContributingEquipmentSequence = Sequence([equipment])
 
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     resampled = "; the source was resampled to a regular grid first" if reference.resampled else ""
     ds.DerivationDescription = (
-        f"Synthetic CT predicted from the {reference.modality or 'source'} series by model {model_name} "
+        f"{what} predicted from the {reference.modality or 'source'} series by model {model_name} "
         f"version {model_version} ({MANUFACTURER} {__version__}){resampled}"
     )
     ds.SyntheticData = "YES"
@@ -246,9 +263,9 @@ def _series_template(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-    ds.WindowCenter, ds.WindowWidth = SOFT_TISSUE_WINDOW
-    ds.WindowCenterWidthExplanation = "SOFT TISSUE"
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, _ds(STD_RESCALE_SLOPE) if std else 1, "HU"
+    ds.WindowCenter, ds.WindowWidth = STD_WINDOW if std else SOFT_TISSUE_WINDOW
+    ds.WindowCenterWidthExplanation = "STD 0 TO 100 HU" if std else "SOFT TISSUE"
     return ds
 
 
@@ -273,6 +290,7 @@ def write_derived_ct_series(
     series_description: str | None = None,
     series_number: int | None = None,
     overwrite: bool = False,
+    std_of_samples: int | None = None,
 ) -> list[Path]:
     """Write ``volume_hu`` (HU, on ``reference``'s grid) as a derived CT series into ``out_dir``.
 
@@ -281,17 +299,28 @@ def write_derived_ct_series(
     leading channel axis of 1 is dropped). Voxels are rounded and clipped to int16 (rescale 1/0).
     The series description is prefixed with "SYNTHETIC" unless it says so already; the series
     number defaults to the source's plus 1000. Returns the written files in InstanceNumber order.
+
+    ``std_of_samples`` N (at least 2): ``volume_hu`` is the per-voxel std in HU over N samples of the
+    synthetic CT; the series gets the std map's own UIDs, the description "SYNTHETIC CT UNCERTAINTY
+    (std over N samples, HU)", the source's series number plus 2000, and rescale slope 0.1.
     """
     out_dir = Path(out_dir)
     _check_long_string("model_name", model_name)
     _check_long_string("model_version", model_version)
-    description = series_description or f"SYNTHETIC CT {model_name} {model_version}"
+    if std_of_samples is not None and std_of_samples < 2:
+        raise ValueError(f"a std map needs at least 2 samples, got std_of_samples={std_of_samples}")
+    std = std_of_samples is not None
+    default = (f"SYNTHETIC CT UNCERTAINTY (std over {std_of_samples} samples, HU)" if std
+               else f"SYNTHETIC CT {model_name} {model_version}")
+    description = series_description or default
     if "synth" not in description.lower():
         description = f"SYNTHETIC {description}"
     _check_long_string("series_description", description)
-    pixels = to_int16_hu(_volume_on_reference_grid(volume_hu, reference))
+    volume = _volume_on_reference_grid(volume_hu, reference)
+    pixels = to_int16_hu(volume / STD_RESCALE_SLOPE if std else volume)
     with quiet_pydicom():
-        template = _series_template(reference, model_name, model_version, description, series_number)
+        template = _series_template(reference, model_name, model_version, description, series_number,
+                                    std_of_samples)
     origin, step = reference.affine_lps[:3, 3], reference.affine_lps[:3, 2]
     source_key = reference.series_uid or reference.slices[0].sop_instance_uid
     width = max(4, len(str(pixels.shape[2])))
@@ -299,10 +328,10 @@ def write_derived_ct_series(
     with atomic_output_dir(out_dir, overwrite, check_replaceable=_check_replaceable) as staging:
         for k, sources in enumerate(_sources_of_slices(reference)):
             if reference.resampled or not sources[0].sop_instance_uid:
-                entropy = [source_key, model_name, model_version, f"slice {k}"]
+                entropy = [source_key, model_name, model_version, *_std_tag(std), f"slice {k}"]
             else:
                 frame = [] if sources[0].frame is None else [f"frame {sources[0].frame}"]
-                entropy = [sources[0].sop_instance_uid, *frame, model_name, model_version]
+                entropy = [sources[0].sop_instance_uid, *frame, model_name, model_version, *_std_tag(std)]
             ds = template.copy()  # shallow: the shared elements are not modified per slice
             ds.SOPInstanceUID = generate_uid(entropy_srcs=entropy)
             ds.InstanceNumber = k + 1
@@ -319,5 +348,6 @@ def write_derived_ct_series(
             with quiet_pydicom():
                 pydicom.dcmwrite(staging / name, ds, enforce_file_format=True)
             names.append(name)
-    logger.info("wrote a %d-slice synthetic CT series derived from %s", len(names), reference.label)
+    logger.info("wrote a %d-slice synthetic CT %sseries derived from %s", len(names), "std " if std else "",
+                reference.label)
     return [out_dir / name for name in names]

@@ -9,6 +9,11 @@ from the source and model so a redo replaces rather than duplicates. Transfer fa
 "Rejected Permanent"); input the reader refuses is not retried. Either way the series is recorded
 as failed, with its reason, and the run goes on with the next one.
 
+With ``std_series`` (a translator of ``num_samples`` > 1) each source series also gives a second
+derived series, the per-voxel std of the samples in HU; it is delivered after the synthetic CT and
+the journal marks the source series done only when both are held in full (``Journal.finish`` records
+both UIDs), so a crash between the two redoes both, resending the same objects: one of each.
+
 After each delivery the destination is asked how many instances of the synthetic series it holds
 (a PACS may answer success for an instance it then drops): fewer or more than were sent make the
 series failed as incomplete, its partial series withdrawn where the transport allows (a folder)
@@ -69,6 +74,7 @@ class SeriesResult:
     attempts: int = 0
     duration_s: float = 0.0
     output_series: str = ""
+    std_series: str = ""
 
 
 @dataclass
@@ -122,6 +128,7 @@ class Outcome:
     """How converting one series ended, in plain values (it crosses processes under the Ray engine)."""
 
     output_uid: str = ""  # the synthetic series' UID, when converted
+    std_uid: str = ""  # its std map's series UID, when converted with one
     reason: str = ""  # why it failed, redacted; empty when converted
     permanent: bool = False  # the input was refused: redoing it would fail the same way
     partial_uid: str = ""  # a series the destination holds only partly
@@ -134,20 +141,26 @@ class SeriesConversion:
     It holds the source, the destination and the translator, and pickles as what reopens them (each
     endpoint reconnects, the translator reloads its bundle once per process), so the Ray engine runs
     it on other processes and machines. Transfer steps are tried ``attempts`` times with backoff.
+    With ``std_series`` the std map of the translator's samples is written and delivered as a second
+    series, after the synthetic CT.
     """
 
     def __init__(self, source, destination, translator: BundleTranslator, *, attempts: int = 3,
-                 backoff_s: float = 2.0, job_id: str = "-"):
+                 backoff_s: float = 2.0, job_id: str = "-", std_series: bool = False):
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
+        if std_series and translator.num_samples < 2:
+            raise ValueError(f"a std series needs at least 2 samples per volume, the translator takes "
+                             f"{translator.num_samples}")
         self.source, self.destination, self.translator = source, destination, translator
         self.attempts, self.backoff_s, self.job_id = attempts, backoff_s, job_id
+        self.std_series = std_series
 
     def __call__(self, ref: SeriesRef, redact: Redactor, name: str, scratch: Path) -> Outcome:
         """Convert ``ref``; any failure becomes the ``Outcome``'s redacted reason, never an exception."""
         started = time.monotonic()
         try:
-            output_uid = self._convert_series(ref, scratch, redact, name)
+            output_uid, std_uid = self._convert_series(ref, scratch, redact, name)
         except Exception as err:  # noqa: BLE001 - one series never stops the batch
             known = isinstance(err, (DRDDInputError, TransferError))
             return Outcome(
@@ -158,22 +171,29 @@ class SeriesConversion:
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return Outcome(output_uid=output_uid, duration_s=round(time.monotonic() - started, 3))
+        return Outcome(output_uid=output_uid, std_uid=std_uid, duration_s=round(time.monotonic() - started, 3))
 
     def abandoned(self, ref: SeriesRef, reason: str) -> Outcome:
-        """The outcome of a series whose worker was lost: a partial delivery of it is withdrawn where
-        the transport allows (its UID is derived, so it is known without the worker)."""
-        uid = derived_series_uid(ref.series_uid, self.translator.model_name, self.translator.model_version)
-        try:
-            held = self.destination.count(ref.study_uid, uid)
-        except TransferError:
-            held = None
-        if held == 0:
+        """The outcome of a series whose worker was lost: a partial delivery of it (the synthetic CT, its
+        std map) is withdrawn where the transport allows (the UIDs are derived, so known without the worker)."""
+        held_uids, kept_uids = [], []
+        for std in (False, True) if self.std_series else (False,):
+            uid = derived_series_uid(ref.series_uid, self.translator.model_name, self.translator.model_version, std)
+            try:
+                held = self.destination.count(ref.study_uid, uid)
+            except TransferError:
+                held = None
+            if held == 0:
+                continue
+            held_uids.append(uid)
+            if not (held and self.destination.withdraw(uid)):
+                kept_uids.append(uid)
+        if not held_uids:
             return Outcome(reason=reason)
-        if held and self.destination.withdraw(uid):
-            return Outcome(reason=f"{reason}; its partial series was withdrawn", partial_uid=uid)
+        if not kept_uids:
+            return Outcome(reason=f"{reason}; its partial series was withdrawn", partial_uid=held_uids[0])
         return Outcome(reason=f"{reason}; a partial series may stay at the destination until a rerun completes it",
-                       partial_uid=uid)
+                       partial_uid=kept_uids[0])
 
     def retry(self, step: Callable[[int], T], what: str, redact: Redactor, name: str = "-") -> T:
         """``step(attempt)``, tried again after a ``TransferError`` until ``attempts`` tries failed."""
@@ -190,8 +210,9 @@ class SeriesConversion:
                                redact(str(err)), attempt, self.attempts, wait)
                 time.sleep(wait)
 
-    def _convert_series(self, ref: SeriesRef, scratch: Path, redact: Redactor, name: str) -> str:
-        """Fetch, read, translate, write and deliver one series; returns the synthetic series' UID."""
+    def _convert_series(self, ref: SeriesRef, scratch: Path, redact: Redactor, name: str) -> tuple[str, str]:
+        """Fetch, read, translate, write and deliver one series; returns the synthetic series' UID and
+        its std map's ('' without ``std_series``)."""
         files = self.retry(lambda attempt: self.source.fetch(ref, scratch / f"source-{attempt}"), "fetch", redact,
                            name)
         # know the patient's name before any message could quote a file named after it; an
@@ -203,10 +224,21 @@ class SeriesConversion:
             uid_hash=redact.uid,
         )
         volume = read_dicom_series(info)
-        synthetic_hu = self.translator.translate(volume, name)
-        written = write_derived_ct_series(
-            synthetic_hu, info, scratch / "synthetic", self.translator.model_name, self.translator.model_version
-        )
+        if self.std_series:
+            synthetic_hu, std_hu = self.translator.translate_with_std(volume, name)
+        else:
+            synthetic_hu, std_hu = self.translator.translate(volume, name), None
+        model = (self.translator.model_name, self.translator.model_version)
+        series = [write_derived_ct_series(synthetic_hu, info, scratch / "synthetic", *model)]
+        if std_hu is not None:
+            series.append(write_derived_ct_series(std_hu, info, scratch / "std", *model,
+                                                  std_of_samples=self.translator.num_samples))
+        # the synthetic CT first, then its std map: the journal says done only when both are held
+        uids = [self._deliver_series(written, redact, name) for written in series]
+        return uids[0], uids[1] if std_hu is not None else ""
+
+    def _deliver_series(self, written: list[Path], redact: Redactor, name: str) -> str:
+        """Deliver one written series, retried; returns its UID."""
         with quiet_pydicom():
             header = pydicom.dcmread(written[0], stop_before_pixels=True)
         output_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
@@ -256,6 +288,9 @@ class BatchConverter:
         engine: where the series are converted: ``LocalEngine()`` (default, one after the other here)
             or ``drdd_med.pacs.ray_engine.RayEngine`` (Ray tasks on a cluster). The journal stays with
             this process either way.
+        std_series: also deliver, per series, the std map of the translator's samples (its
+            ``num_samples`` must be more than 1) as a second derived series. A series journalled done
+            without one is redone (its synthetic CT resent unchanged) by a run that asks for it.
     """
 
     def __init__(
@@ -271,10 +306,11 @@ class BatchConverter:
         retry_failed: bool = False,
         progress: bool = True,
         engine=None,
+        std_series: bool = False,
     ):
         self.job_id = uuid.uuid4().hex[:8]
         self.conversion = SeriesConversion(source, destination, translator, attempts=attempts, backoff_s=backoff_s,
-                                           job_id=self.job_id)
+                                           job_id=self.job_id, std_series=std_series)
         self.source, self.destination, self.translator = source, destination, translator
         self.journal_path = Path(journal_path)
         self.rules = rules or SeriesRules(modality=translator.source_modality)
@@ -330,8 +366,9 @@ class BatchConverter:
             result = SeriesResult(name, redact.uid(ref.study_uid, "study"), ref.modality, ref.series_number, "skipped")
             results[ref.series_uid] = result
             entry = journal.get(ref.series_uid)
-            if entry is not None and entry.status == "done":
+            if entry is not None and entry.finished(self.conversion.std_series):
                 result.reason, result.output_series = "converted earlier", redact.uid(entry.output_series_uid, "series")
+                result.std_series = redact.uid(entry.std_series_uid, "series") if entry.std_series_uid else ""
                 logger.info("job %s %s: skipped, converted earlier", self.job_id, name)
             elif entry is not None and entry.status == "failed" and entry.permanent and not self.retry_failed:
                 result.reason = f"refused earlier: {entry.reason}"
@@ -357,7 +394,8 @@ class BatchConverter:
         result.duration_s = outcome.duration_s
         if outcome.output_uid:
             result.status, result.output_series = "converted", redact.uid(outcome.output_uid, "series")
-            journal.finish(ref.series_uid, outcome.output_uid, outcome.duration_s)
+            result.std_series = redact.uid(outcome.std_uid, "series") if outcome.std_uid else ""
+            journal.finish(ref.series_uid, outcome.output_uid, outcome.duration_s, std_series_uid=outcome.std_uid)
             logger.info("job %s %s: converted in %.1f s", self.job_id, result.series, outcome.duration_s)
             return
         result.status, result.reason = "failed", outcome.reason

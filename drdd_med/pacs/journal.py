@@ -1,11 +1,13 @@
 """The job journal: which source series were converted by which model to which destination.
 
 One SQLite row per (source series, model id, destination). A series is marked ``running`` before
-its work starts and ``done`` only after the destination accepted every instance and reports holding
-them all, each change in its own committed transaction, so a run killed at any point (even
+its work starts and ``done`` only after the destination accepted every instance of every series
+made from it (the synthetic CT, and its std map when asked for: ``std_series_uid``) and reports
+holding them all, each change in its own committed transaction, so a run killed at any point (even
 ``kill -9``) leaves rows that say exactly what is finished. A restarted run redoes ``running`` rows; because the synthetic
 series' UIDs are derived from the source and the model, redoing resends the same objects and the
-destination still holds one series. One run at a time may use a journal (a lock on a file beside
+destination still holds one series (one of each). A ``done`` row without a std map does not
+count as done for a run that asks for one. One run at a time may use a journal (a lock on a file beside
 it, released by the system when the process dies).
 """
 
@@ -30,6 +32,7 @@ CREATE TABLE IF NOT EXISTS series (
     attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '',
     output_series_uid TEXT NOT NULL DEFAULT '',
+    std_series_uid TEXT NOT NULL DEFAULT '',
     job_id TEXT NOT NULL,
     duration_s REAL,
     updated TEXT NOT NULL,
@@ -59,6 +62,11 @@ class Entry:
     attempts: int
     reason: str
     output_series_uid: str
+    std_series_uid: str  # the std map's series, delivered with the synthetic CT ('' when none was asked for)
+
+    def finished(self, std_series: bool = False) -> bool:
+        """Whether the series is done with every output a run asks for (``std_series``: its std map too)."""
+        return self.status == "done" and (bool(self.std_series_uid) or not std_series)
 
 
 def _now() -> str:
@@ -88,6 +96,9 @@ class Journal:
         self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: every change is durable at once
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
+        if "std_series_uid" not in columns:  # a journal from before std maps
+            self._db.execute("ALTER TABLE series ADD COLUMN std_series_uid TEXT NOT NULL DEFAULT ''")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,11 +115,11 @@ class Journal:
 
     def get(self, series_uid: str) -> Entry | None:
         row = self._db.execute(
-            "SELECT status, permanent, attempts, reason, output_series_uid FROM series "
+            "SELECT status, permanent, attempts, reason, output_series_uid, std_series_uid FROM series "
             "WHERE source_series_uid = ? AND model_id = ? AND destination = ?",
             (series_uid, self.model_id, self.destination),
         ).fetchone()
-        return None if row is None else Entry(row[0], bool(row[1]), row[2], row[3], row[4])
+        return None if row is None else Entry(row[0], bool(row[1]), row[2], row[3], row[4], row[5])
 
     def start(self, series_uid: str) -> None:
         """Mark a series as being converted (one more attempt)."""
@@ -120,8 +131,9 @@ class Journal:
             (series_uid, self.model_id, self.destination, self.job_id, _now()),
         )
 
-    def finish(self, series_uid: str, output_series_uid: str, duration_s: float) -> None:
-        self._set(series_uid, "done", False, "", output_series_uid, duration_s)
+    def finish(self, series_uid: str, output_series_uid: str, duration_s: float, std_series_uid: str = "") -> None:
+        """Record a series delivered in full: its synthetic CT and, when one was made, its std map."""
+        self._set(series_uid, "done", False, "", output_series_uid, duration_s, std_series_uid)
 
     def fail(self, series_uid: str, reason: str, permanent: bool, duration_s: float,
              output_series_uid: str = "") -> None:
@@ -129,12 +141,12 @@ class Journal:
 
         ``output_series_uid`` names a synthetic series the destination holds only partly, to withdraw.
         """
-        self._set(series_uid, "failed", permanent, reason, output_series_uid, duration_s)
+        self._set(series_uid, "failed", permanent, reason, output_series_uid, duration_s, "")
 
-    def _set(self, series_uid, status, permanent, reason, output_series_uid, duration_s) -> None:
+    def _set(self, series_uid, status, permanent, reason, output_series_uid, duration_s, std_series_uid) -> None:
         self._db.execute(
-            "UPDATE series SET status = ?, permanent = ?, reason = ?, output_series_uid = ?, duration_s = ?, "
-            "job_id = ?, updated = ? WHERE source_series_uid = ? AND model_id = ? AND destination = ?",
-            (status, int(permanent), reason, output_series_uid, duration_s, self.job_id, _now(),
+            "UPDATE series SET status = ?, permanent = ?, reason = ?, output_series_uid = ?, std_series_uid = ?, "
+            "duration_s = ?, job_id = ?, updated = ? WHERE source_series_uid = ? AND model_id = ? AND destination = ?",
+            (status, int(permanent), reason, output_series_uid, std_series_uid, duration_s, self.job_id, _now(),
              series_uid, self.model_id, self.destination),
         )

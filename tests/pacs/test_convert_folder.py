@@ -23,7 +23,7 @@ from pacs_helpers import (
 )
 
 from drdd_med.cli import main
-from drdd_med.data.dicom import list_dicom_series
+from drdd_med.data.dicom import list_dicom_series, read_dicom_series, scan_dicom_series
 from drdd_med.pacs.convert import BatchConverter
 from drdd_med.pacs.endpoints import FolderDestination, FolderSource, series_part
 from drdd_med.pacs.demo import volume_to_dicom_series
@@ -195,3 +195,148 @@ def test_parts_convert_every_series_exactly_once_between_them(tmp_path, monkeypa
 
     code, printed = convert([*common, "--part-id", "2"], capsys)
     assert code == 2 and "part_id must be 0 .. num_parts - 1" in printed
+
+
+class SampledStubTranslator(StubTranslator):
+    """The stub model with two samples per volume: mean = source - 1000, std = |source| / 7 + 0.25 HU."""
+
+    num_samples, model_version, model_id = 2, "1.mean2", "stub 1.mean2"
+
+    def translate_with_std(self, volume, name: str = "case") -> tuple[np.ndarray, np.ndarray]:
+        volume = np.asarray(volume, dtype=np.float32)
+        return self.translate(volume, name), np.abs(volume) / 7 + 0.25
+
+
+class CrashingFolderDestination(FolderDestination):
+    """A destination whose process is killed (``SystemExit``, not caught per series) at the ``crash_at``-th delivery."""
+
+    def __init__(self, root, crash_at: int):
+        super().__init__(root)
+        self.deliveries, self.crash_at = 0, crash_at
+
+    def deliver(self, files, series_uid: str) -> None:
+        self.deliveries += 1
+        if self.deliveries == self.crash_at:
+            raise SystemExit("killed")
+        super().deliver(files, series_uid)
+
+
+def series_folders(out: Path) -> dict[str, list[Path]]:
+    """SeriesDescription -> the folders at the destination that hold a series of that description."""
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(out.iterdir()):
+        found.setdefault(str(pydicom.dcmread(next(folder.iterdir())).SeriesDescription), []).append(folder)
+    return found
+
+
+def test_std_series_is_a_second_derived_series_and_a_crash_between_the_two_leaves_one_of_each(tmp_path):
+    source_files, _ = write_demo_study(tmp_path / "incoming", 3)
+    out, journal = tmp_path / "synthetic", tmp_path / "j.sqlite"
+
+    def run(destination, std_series=True):
+        return BatchConverter(FolderSource(tmp_path / "incoming"), destination, SampledStubTranslator(), journal,
+                              attempts=1, progress=False, std_series=std_series).run()
+
+    with pytest.raises(SystemExit):  # killed after the synthetic CT was delivered, before its std map
+        run(CrashingFolderDestination(out, crash_at=2))
+    assert len(list(out.iterdir())) == 1
+
+    report = run(FolderDestination(out))
+    assert report.counts == {"converted": 1, "skipped": 0, "failed": 0}
+    found = series_folders(out)
+    std_description = "SYNTHETIC CT UNCERTAINTY (std over 2 samples, HU)"
+    assert sorted(found) == sorted([std_description, "SYNTHETIC CT stub 1.mean2"])
+    assert all(len(folders) == 1 for folders in found.values())  # one of each, the first one not duplicated
+    (sct_folder,), (std_folder,) = found["SYNTHETIC CT stub 1.mean2"], found[std_description]
+    sct_files, std_files = sorted(sct_folder.iterdir()), sorted(std_folder.iterdir())
+    source = read_dicom_series(source_files[0].parent).numpy()
+    check_synthetic_series(sct_files, source_files, source - 1000)
+    sct_info, std_info = scan_dicom_series(sct_files), scan_dicom_series(std_files)
+    assert sct_info.series_uid != std_info.series_uid and std_info.shape == sct_info.shape
+    np.testing.assert_array_equal(std_info.affine, sct_info.affine)
+    sct_headers, std_headers = ([pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+                                for files in (sct_files, std_files))
+    assert not {h.SOPInstanceUID for h in sct_headers} & {h.SOPInstanceUID for h in std_headers}
+    assert {h.StudyInstanceUID for h in std_headers} == {h.StudyInstanceUID for h in sct_headers}
+    assert {h.FrameOfReferenceUID for h in std_headers} == {h.FrameOfReferenceUID for h in sct_headers}
+    assert "standard deviation in HU over 2 samples" in std_headers[0].DerivationDescription
+    np.testing.assert_allclose(read_dicom_series(std_info).numpy(), np.abs(source) / 7 + 0.25, atol=0.05 + 1e-6)
+    row = report.series[0]
+    assert row.output_series and row.std_series and row.output_series != row.std_series
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    report = run(FolderDestination(out))  # a finished series with its std map: nothing to do
+    assert report.counts == {"converted": 0, "skipped": 1, "failed": 0} and report.series[0].std_series
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+
+
+def test_a_run_asking_for_std_series_redoes_series_converted_without_one(tmp_path):
+    write_demo_study(tmp_path / "incoming", 4)
+    out, journal = tmp_path / "synthetic", tmp_path / "j.sqlite"
+
+    def run(std_series):
+        return BatchConverter(FolderSource(tmp_path / "incoming"), FolderDestination(out), SampledStubTranslator(),
+                              journal, attempts=1, progress=False, std_series=std_series).run()
+
+    assert run(std_series=False).counts["converted"] == 1 and len(list(out.iterdir())) == 1
+    assert run(std_series=True).counts["converted"] == 1  # done, but without the std map this run asks for
+    assert [len(folders) for folders in series_folders(out).values()] == [1, 1]
+    assert run(std_series=False).counts["skipped"] == 1  # the std map is not asked for: done either way
+
+
+class StubOneSample(SampledStubTranslator):
+    """The sampled stub with one sample per volume: no std to write."""
+
+    num_samples = 1
+
+
+def test_std_series_needs_several_samples(tmp_path, hospital_folder, tiny_model, capsys):
+    common = [str(hospital_folder["root"]), str(tmp_path / "out"), *model_args(tiny_model)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", *common, "--std-series"])
+    assert exit_info.value.code == 2
+    assert "--std-series needs --num-samples of at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", *common, "--num-samples", "0"])
+    assert exit_info.value.code == 2 and "expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a std series needs at least 2 samples per volume"):
+        BatchConverter(FolderSource(hospital_folder["root"]), FolderDestination(tmp_path / "out"), StubOneSample(),
+                       tmp_path / "j.sqlite", std_series=True)
+
+
+def test_convert_with_the_bundle_writes_the_mean_and_the_std_series(tmp_path, tiny_model, capsys):
+    write_demo_study(tmp_path / "incoming", 1)
+    out = tmp_path / "synthetic"
+    code, _ = convert([str(tmp_path / "incoming"), str(out), *model_args(tiny_model), "--num-samples", "2",
+                       "--std-series", "--journal", str(tmp_path / "j.sqlite"), "--no-progress"], capsys)
+    assert code == 0
+    found = series_folders(out)
+    std_description = "SYNTHETIC CT UNCERTAINTY (std over 2 samples, HU)"
+    assert std_description in found and len(found) == 2
+    (sct_description,) = set(found) - {std_description}
+    assert sct_description.endswith(".mean2")  # a mean of samples is another model output than one sample
+    std = read_dicom_series(scan_dicom_series(sorted(found[std_description][0].iterdir()))).numpy()
+    assert std.min() >= 0 and std.mean() > 1  # the tiny model's samples differ by their start noise
+
+
+def test_a_journal_from_before_std_maps_is_read_and_extended(tmp_path):
+    import sqlite3
+
+    from drdd_med.pacs.journal import Journal
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the schema before std_series_uid, with one finished series
+        db.executescript("""
+            CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE series (source_series_uid TEXT NOT NULL, model_id TEXT NOT NULL, destination TEXT NOT NULL,
+                status TEXT NOT NULL, permanent INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+                reason TEXT NOT NULL DEFAULT '', output_series_uid TEXT NOT NULL DEFAULT '', job_id TEXT NOT NULL,
+                duration_s REAL, updated TEXT NOT NULL, PRIMARY KEY (source_series_uid, model_id, destination));
+            INSERT INTO series VALUES ('1.2.3', 'stub 1', 'dest', 'done', 0, 1, '', '1.2.3.9', 'old', 1.0, 'then');
+        """)
+    with Journal(path, "stub 1", "dest", "new") as journal:
+        entry = journal.get("1.2.3")
+        assert entry.finished() and not entry.finished(std_series=True) and entry.std_series_uid == ""
+        journal.start("1.2.3")
+        journal.finish("1.2.3", "1.2.3.9", 1.0, std_series_uid="1.2.3.10")
+        assert journal.get("1.2.3").finished(std_series=True)
