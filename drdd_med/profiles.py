@@ -12,13 +12,16 @@ import copy
 import torch
 
 PROFILES: dict[str, dict] = {
-    # 2 CPU cores: the demo trains in minutes with small networks, fp32. bf16 autocast (``--precision
-    # bf16``; native on AVX512-BF16 / AMX CPUs) is 2.1x faster for 256² training and 1.4x for sampling
-    # (docs/results/benchmark_cpu_bf16.json) but no faster on the demo's 64² patches, and its effect
-    # on trained models is not yet measured: not the default
+    # 2 CPU cores: the demo trains in minutes with small networks, fp32: bf16 autocast (native on
+    # AVX512-BF16 / AMX CPUs) is 2.1x faster for 256² training (docs/results/benchmark_cpu_bf16.json)
+    # but no faster on the demo's 64² patches. Translation runs in bf16: 1.4x faster sampling (same
+    # file), and on a trained model its synthetic CTs differ from fp32 by 5 HU per voxel where another
+    # sampling seed differs by 178 (docs/results/translation_precision_mr2ct.json). CPUs without native
+    # bf16 compute fp32 either way (engines.autocast_context)
     "cpu": {
         "network_preset": "cpu-demo",
         "precision": "fp32",
+        "inference_precision": "bf16",
         "patch_size": [64, 64],
         "patch_size_3d": [32, 32, 16],  # configs/3d.json: training patches and the sliding window
         "volumes_per_batch": 2,
@@ -36,6 +39,7 @@ PROFILES: dict[str, dict] = {
     "gpu": {
         "network_preset": "gpu",
         "precision": "bf16",
+        "inference_precision": "bf16",
         "patch_size": [128, 128],
         "patch_size_3d": [96, 96, 48],
         "volumes_per_batch": 4,

@@ -9,10 +9,10 @@ on those). Settings:
 
 - ``before``: what the CPU profile did before the tuning: 16 slices per network call whatever their
   size, contiguous weights, fp32;
-- ``tuned``: the CPU profile now (fp32): at most 65,536 pixels per call (one 256² or 512² slice), 2D
-  weights channels-last (``load_model(channels_last=True)``);
-- ``tuned_bf16``: the same with bf16 autocast where the CPU computes bf16 natively
-  (``engines.autocast_context``; elsewhere it equals ``tuned``).
+- ``tuned_fp32``: at most 65,536 pixels per call (one 256² or 512² slice), 2D weights channels-last
+  (``load_model(channels_last=True)``), fp32;
+- ``tuned``: the CPU profile now: the same in its ``inference_precision``, bf16 autocast where the CPU
+  computes bf16 natively (``engines.autocast_context``; elsewhere it equals ``tuned_fp32``).
 
 Each setting writes its own destination; the script records the seconds, series per minute, seconds
 per slice, and how far each output lies from the ``before`` output (HU, over every voxel), and
@@ -44,7 +44,7 @@ from drdd_med.pacs.endpoints import FolderDestination, FolderSource
 from drdd_med.provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("before", "tuned", "tuned_bf16")
+SETTINGS = ("before", "tuned_fp32", "tuned")
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -69,7 +69,8 @@ def _translator(bundle: str, ckpt: Path, setting: str) -> BundleTranslator:
     if setting == "before":
         translator.inferer.slice_batch_size, translator.inferer.max_batch_pixels = 16, None
         translator.network.to(memory_format=torch.contiguous_format)
-    translator.precision = "bf16" if setting == "tuned_bf16" else "fp32"
+    if setting != "tuned":
+        translator.precision = "fp32"
     return translator
 
 

@@ -107,6 +107,30 @@ def test_report_scores_drdd_against_the_monotone_baseline_and_never_half_writes(
     assert json.loads((root / "report" / "report.json").read_text()) == report
 
 
+def test_precision_report_puts_bf16_beside_another_sampling_seed(trained, tmp_path):
+    """scripts/translation_precision.py: the bundle's inference per run, scored, and differences to the first."""
+    root, _ = trained
+    out = tmp_path / "precision.json"
+    eval_before = sorted((root / "eval").rglob("*")) if (root / "eval").exists() else []
+    script = [sys.executable, "scripts/translation_precision.py", "--bundle_root", str(root), "--config_file", INFER,
+              "--output", str(out)]
+    result = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(out.read_text())
+    fp32, bf16, reseeded = written["rows"]
+    assert [(r["precision"], r["seed"]) for r in written["rows"]] == [("fp32", 0), ("bf16", 0), ("fp32", 1)]
+    assert all(r["cases"] == 4 and 0 < r["metrics"]["mae"]["mean"] < 2000 for r in written["rows"])
+    assert "hu_difference_to_fp32@0" not in fp32
+    # bf16 moves values only where the CPU computes it; another seed draws other start noise
+    assert (bf16["hu_difference_to_fp32@0"]["max"] > 0) == written["cpu_bf16_native"]
+    assert reseeded["hu_difference_to_fp32@0"]["mean"] > 0
+    # the runs went to a temporary folder, not the bundle's eval
+    assert (sorted((root / "eval").rglob("*")) if (root / "eval").exists() else []) == eval_before
+    bad = subprocess.run([*script[:-2], "--runs", "fp16", "--output", str(tmp_path / "x.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "a run is PRECISION or PRECISION@SEED" in bad.stderr
+
+
 def test_model_records_how_it_was_built_and_trained(trained):
     root, _ = trained
     record = torch.load(root / "models" / "model.pt", weights_only=True)["_extra_state"]

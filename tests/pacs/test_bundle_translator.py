@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from model_fixtures import make_real_networks, save_model, with_zero_predictions
+from monai.bundle import ConfigParser
 from pacs_helpers import BUNDLE_VERSION, ROOT, SHAPE, write_demo_study
 
 import drdd_med.bundle
@@ -83,6 +84,18 @@ def test_gpu_translation_matches_cpu_within_bf16_rounding(tmp_path, translator, 
     reference, networks_off = translator.translate(volume), off.translate(volume)
     contribution_check(torch.as_tensor(gpu.translate(volume)), torch.as_tensor(reference),
                        torch.as_tensor(networks_off), fraction=0.05)
+
+
+def test_the_cpu_profile_translates_in_bf16_and_trains_in_fp32(tiny_model):
+    """bf16 translation is the CPU default (autocast_context keeps CPUs without native bf16 in fp32);
+    training stays fp32 (docs/results/translation_precision_mr2ct.json, benchmark_cpu_bf16.json)."""
+    assert BundleTranslator("drdd_mr2ct", device="cpu", ckpt=tiny_model["ckpt"]).precision == "bf16"
+    for bundle in ("drdd_mr2ct", "drdd_ldct"):
+        for config, precision in (("inference.json", "bf16"), ("train.json", "fp32")):
+            parser = ConfigParser()
+            parser.read_config(str(ROOT / "bundles" / bundle / "configs" / config))
+            parser["device"] = "$torch.device('cpu')"
+            assert parser.get_parsed_content("precision") == precision, (bundle, config)
 
 
 def test_a_pickled_translator_is_rebuilt_once_per_process_from_the_same_weights(tmp_path, tiny_model):
