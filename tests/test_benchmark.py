@@ -245,3 +245,23 @@ def test_conversion_benchmark_times_both_settings_and_compares_their_outputs(tmp
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
 
+
+def test_training_speed_times_the_bundle_command_at_each_commit(tmp_path):
+    """scripts/training_speed.py: per-epoch times from the training log, per commit, ratios to the first."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "training_speed.py"
+    out = tmp_path / "speed.json"
+    command = [sys.executable, str(script), "--commit", "HEAD", "--commit", "HEAD~1", "--epochs", "4",
+               "--override", "network_preset=tiny", "--override", "patches_per_volume=2", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads(out.read_text())
+    head, parent = written["rows"]
+    assert (head["commit"], parent["commit"]) == ("HEAD", "HEAD~1") and head["git_commit"] != parent["git_commit"]
+    for row in written["rows"]:
+        run = row["runs"][0]
+        assert len(run["epoch_seconds"]) == 4 and run["iterations_per_epoch"] == 6  # 12 training volumes, 2 per batch
+        assert row["seconds_per_iteration"] == pytest.approx(run["median_epoch_seconds"] / 6)
+    assert head["ratio_to_first"] == 1.0 and parent["ratio_to_first"] > 0
+    bad = subprocess.run([*command[:2], "--commit", "no-such-commit", "--output", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a commit of this repository" in bad.stderr
