@@ -8,7 +8,10 @@ cases held out with ``--seed``), with validation off, until its training steps h
 held-out cases from the final EMA weights, once per DRDD sampler variant (``--sampler``), and the
 project's metric functions score the written outputs inside the body mask: ``--task mr2ct`` the
 SynthRAD2023 MAE (HU), PSNR and SSIM; ``--task ldct`` (the drdd_ldct bundle) the MAE in HU and the
-PSNR, SSIM and RMSE in the abdomen window, as the low-dose CT literature reports them.
+PSNR, SSIM and RMSE in the abdomen window, as the low-dose CT literature reports them; ``--task
+cbct2ct`` (the drdd_cbct2ct bundle) the SynthRAD2023 metrics. Where the source is itself a CT
+(ldct, cbct2ct), ``--method input`` scores the held-out input as it is (the low-dose scan, the
+CBCT): no training, so its row's budget is 0.
 
 Each method and sampler appends one JSON object per line to ``--output``, as soon as it is scored
 (each append replaces the file atomically). A row whose method, config, paired fraction and budget
@@ -22,7 +25,12 @@ Example, the 25 prepared IBSI pairs, 7 minutes per method::
         --output docs/results/mr2ct_ibsi.jsonl
 
 Without ``--dataset-dir`` each method trains on the bundle's built-in demo data (the files of
-``docs/results/mr2ct_demo.jsonl`` and ``ldct_demo.jsonl``; their commands are in each row).
+``docs/results/mr2ct_demo.jsonl`` and ``ldct_demo.jsonl``; their commands are in each row). CBCT ->
+CT on its demo data, DRDD and the regression U-Net at 300 s each, and the CBCT input::
+
+    python scripts/compare_methods.py --task cbct2ct --budget-seconds 300 --num-validation 4 --seed 0 \\
+        --network-preset cpu-demo --method drdd --method regression --method input \\
+        --output docs/results/cbct2ct_demo.jsonl
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ from drdd_med.provenance import git_state
 ROOT = Path(__file__).resolve().parents[1]
 # config fragments layered on the bundle's configs, per method (MONAI's list form of --config_file)
 METHODS = {"drdd": [], "cddim": [ROOT / "configs" / "conditional_ddim.json"],
-           "regression": [ROOT / "configs" / "regression_unet.json"]}
+           "regression": [ROOT / "configs" / "regression_unet.json"], "input": []}
+INPUT = "input"  # no model: the held-out source scored as it is (tasks whose source is a CT)
 # DRDD sampler variants by name; the baselines run their own config's sampler (or none)
 SAMPLERS = {
     "default": {},
@@ -73,11 +82,20 @@ SAMPLERS = {
 NEVER = 10**9  # epochs: validation and periodic checkpoints never come; the budget ends training
 # per task: its bundle and how its outputs are scored, all inside the body mask, as (pred, ct, mask, case)
 LDCT_WINDOW = "abdomen"  # the low-dose CT literature's display window (C 50 / W 400)
+SYNTHRAD_METRICS = {"mae_hu": synthrad2023_mae, "psnr_db": synthrad2023_psnr, "ssim": synthrad2023_ssim}
+SYNTHRAD_DEFINITION = "SynthRAD2023 MAE (HU), PSNR and SSIM inside the mask, CT clipped to [-1024, 3000] HU"
 TASKS = {
     "mr2ct": {
         "bundle": "drdd_mr2ct",
-        "metrics": {"mae_hu": synthrad2023_mae, "psnr_db": synthrad2023_psnr, "ssim": synthrad2023_ssim},
-        "definition": "SynthRAD2023 MAE (HU), PSNR and SSIM inside the mask, CT clipped to [-1024, 3000] HU",
+        "metrics": SYNTHRAD_METRICS,
+        "definition": SYNTHRAD_DEFINITION,
+        "source_is_ct": False,
+    },
+    "cbct2ct": {
+        "bundle": "drdd_cbct2ct",
+        "metrics": SYNTHRAD_METRICS,
+        "definition": SYNTHRAD_DEFINITION,
+        "source_is_ct": True,
     },
     "ldct": {
         "bundle": "drdd_ldct",
@@ -89,6 +107,7 @@ TASKS = {
         },
         "definition": f"MAE (HU, no window) inside the mask; PSNR, SSIM and RMSE inside the mask in the "
                       f"{LDCT_WINDOW} window {list(HU_WINDOWS[LDCT_WINDOW])} HU",
+        "source_is_ct": True,
     },
 }
 
@@ -102,15 +121,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset-dir", type=Path,
                         help="the bundle's dataset_dir (mr2ct: a SynthRAD-layout folder of pairs; ldct: CT volumes "
-                             "or a Mayo folder); default: the bundle's built-in demo data, written in each "
+                             "or a Mayo folder; cbct2ct: CT volumes); default: the bundle's built-in demo data, written in each "
                              "method's work folder as the bundle writes it")
     parser.add_argument("--output", type=Path, required=True, help="results file, e.g. docs/results/mr2ct_ibsi.jsonl")
     parser.add_argument("--budget-seconds", type=float, required=True, help="training time per method")
     parser.add_argument("--task", default="mr2ct", choices=sorted(TASKS),
-                        help="the task: its bundle and metrics (ldct: PSNR/SSIM/RMSE in the abdomen window)")
+                        help="the task: its bundle and metrics (ldct: PSNR/SSIM/RMSE in the abdomen window; "
+                             "mr2ct, cbct2ct: SynthRAD2023)")
     parser.add_argument("--bundle", type=Path, help="the bundle folder (default: the task's bundle)")
     parser.add_argument("--dataset-name", help="dataset name recorded in each row (default: the folder's name)")
-    parser.add_argument("--method", action="append", choices=sorted(METHODS), help="repeatable (default: all)")
+    parser.add_argument("--method", action="append", choices=sorted(METHODS),
+                        help="repeatable (default: all that apply to the task)")
     parser.add_argument("--sampler", action="append", choices=sorted(SAMPLERS),
                         help="DRDD sampler variant, repeatable (default: default)")
     parser.add_argument("--num-validation", type=int, default=5, help="held-out cases")
@@ -124,7 +145,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                        "(default: a temporary folder, removed at the end)")
     parser.add_argument("--replace", action="store_true", help="replace rows already in --output")
     args = parser.parse_args(argv)
-    args.method = args.method or sorted(METHODS)
+    source_is_ct = TASKS[args.task]["source_is_ct"]
+    if args.method and INPUT in args.method and not source_is_ct:
+        parser.error(f"--method {INPUT}: the {args.task} source is not a CT; only a translation can be scored")
+    args.method = args.method or [m for m in sorted(METHODS) if m != INPUT or source_is_ct]
     args.bundle = args.bundle or ROOT / "bundles" / TASKS[args.task]["bundle"]
     args.sampler = args.sampler or ["default"]
     args.overrides = dict(_parse_override(text) for text in args.overrides)
@@ -200,7 +224,7 @@ def planned_rows(args: argparse.Namespace) -> list[dict]:
         for name in variants:
             sampler = {} if name is None else {"sampler": name, "sampler_settings": SAMPLERS[name]}
             rows.append({"method": method, "config": {**config, **sampler}, "paired_fraction": args.paired_fraction,
-                         "budget_seconds": args.budget_seconds})
+                         "budget_seconds": 0.0 if method == INPUT else args.budget_seconds})
     return rows
 
 
@@ -221,6 +245,23 @@ def train(method: str, args: argparse.Namespace, bundle_root: Path) -> dict:
         "device": parser.get_parsed_content("device"),
         "checkpoint": bundle_root / "models" / "checkpoint_final.pt",  # its network_ema is what inference loads
     }
+
+
+def held_out_input(args: argparse.Namespace, bundle_root: Path) -> dict:
+    """What ``--method input`` scores: the held-out cases as the bundle's training config writes them
+    (demo data and simulated inputs included), each case's source standing for a translation."""
+    settings = {**train_settings(args), "bundle_root": str(bundle_root)}
+    parser = bundle_parser("train", INPUT, args.bundle, settings, args.overrides)
+    return {"train_seconds": 0.0, "iterations": 0, "longest_iteration_seconds": 0.0, "trained_iterations": {},
+            "device": parser.get_parsed_content("device"), "cases": parser.get_parsed_content("datalists")["validation"]}
+
+
+def link_inputs(cases: list[dict], out_dir: Path) -> list[dict]:
+    """``OUT/<case>/sct.nii.gz`` -> each case's source, so that ``score`` reads the input as the output."""
+    for item in cases:
+        (out_dir / item["case_id"]).mkdir(parents=True, exist_ok=True)
+        (out_dir / item["case_id"] / "sct.nii.gz").symlink_to(Path(item["source"]).resolve())
+    return cases
 
 
 def translate(method: str, sampler: dict, args: argparse.Namespace, trained: dict,
@@ -315,13 +356,19 @@ def run(args: argparse.Namespace, work_dir: Path, command: str) -> list[dict]:
                   **git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     written = []
     for method in args.method:
-        logger.info("training %s for %.0f s", method, args.budget_seconds)
-        trained = train(method, args, work_dir / method)
+        if method == INPUT:
+            trained = held_out_input(args, work_dir / method)
+        else:
+            logger.info("training %s for %.0f s", method, args.budget_seconds)
+            trained = train(method, args, work_dir / method)
         for plan in (row for row in planned if row["method"] == method):
             variant = plan["config"].get("sampler", "translation")
             out_dir = work_dir / method / variant
             started = time.perf_counter()
-            cases, sampler_used = translate(method, SAMPLERS.get(variant, {}), args, trained, out_dir)
+            if method == INPUT:
+                cases, sampler_used = link_inputs(trained["cases"], out_dir), None
+            else:
+                cases, sampler_used = translate(method, SAMPLERS.get(variant, {}), args, trained, out_dir)
             scores = score(cases, out_dir, TASKS[args.task]["metrics"])
             row = {**plan, **{k: trained[k] for k in ("train_seconds", "iterations", "longest_iteration_seconds",
                                                         "trained_iterations")},

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
     heldout = args.heldout_dir or args.bundle_root / "data" / "heldout"
-    # beside, not inside, report/: that folder belongs to ldct_demo_report.py, which replaces it whole
+    # beside, not inside, report/: that folder belongs to ct_correction_report.py, which replaces it whole
     out = args.out or args.bundle_root / "noise_stage_study.json"
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)

@@ -3,7 +3,8 @@
     python scripts/results_table.py docs/results/mr2ct_ibsi.jsonl
 
 One row per line of the file, in its order: method and its knobs (with the sampler that ran, when
-the row records it), paired fraction, budget and iterations, then mean ± standard deviation over the
+the row records it), paired fraction, budget and iterations (none for ``input``, the held-out input
+scored as it is), then mean ± standard deviation over the
 held-out cases of MAE (HU), PSNR (dB), SSIM and, where the rows have it (low-dose CT), RMSE (HU).
 The metric definitions, machine and cases of the first row are printed under it.
 """
@@ -60,7 +61,8 @@ def table(rows: list[dict]) -> str:
     lines = [header, "|" + "---|" * (3 + len(metrics_shown))]
     for row in rows:
         metrics = " | ".join(spread(row, key, digits) for key, _, digits in metrics_shown)
-        budget = f"{row.get('budget_seconds', round(row['train_seconds']))} / {row['iterations']}"
+        budget = ("none (the input itself)" if row["method"] == "input"
+                  else f"{row.get('budget_seconds', round(row['train_seconds']))} / {row['iterations']}")
         lines.append(f"| {describe(row)} | {row['paired_fraction']:.0%} | {budget} | {metrics} |")
     first = rows[0]
     lines.append("")

@@ -20,6 +20,7 @@ from drdd_med.data.demo import write_demo_dataset
 from drdd_med.data.datalists import prepare_datalists
 from drdd_med.errors import DRDDInputError
 from drdd_med.handlers import TrainingBudget
+from drdd_med.metrics.functional import synthrad2023_mae
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
@@ -200,6 +201,43 @@ def test_low_dose_ct_on_the_bundles_own_demo_data_is_scored_in_the_abdomen_windo
     heldout = [nib.load(tmp_path / "w" / m / "data" / "heldout" / rows[0]["cases"][0] / "ldct.nii.gz").get_fdata()
                for m in ("drdd", "regression")]
     assert np.array_equal(heldout[0], heldout[1])
+
+
+def test_cbct_to_ct_scores_drdd_and_the_cbct_input_on_the_same_simulated_cases(tmp_path):
+    """--task cbct2ct: the drdd_cbct2ct bundle simulates the held-out CBCTs in each method's folder;
+    --method input scores those CBCTs themselves, with no training and a budget of 0."""
+    out = tmp_path / "cbct2ct_demo.jsonl"
+    args = ["--task", "cbct2ct", "--output", str(out), "--budget-seconds", str(BUDGET), "--num-validation", "2",
+            "--network-preset", "tiny", "--method", "drdd", "--method", "input", "--work-dir", str(tmp_path / "w"),
+            "--set", "demo_cases=4", "--set", "demo_shape=[64,64,8]", "--set", "demo_spacing=[3.0,3.0,12.0]",
+            # a cheaper simulated scanner: the plumbing, not the CBCT, is under test
+            "--set", 'cbct_parameters={"n_views": 164, "fov_diameter_mm": 250.0}',
+            "--set", "patch_size=[32,32]", "--set", "patches_per_volume=2", "--set", "volumes_per_batch=1",
+            "--set", "train#handlers#0#every=1"]
+    assert compare_methods.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["drdd", "input"]
+    drdd, cbct = rows
+    for row in rows:
+        assert row["task"] == "cbct2ct" and row["config"]["bundle"] == "drdd_cbct2ct" and "SynthRAD2023" in row["metrics"]
+        assert FIELDS <= set(row) and len(row["cases"]) == 2
+        assert all(math.isfinite(row[name]) and len(row["per_case"][name]) == 2 for name in SCORES)
+    assert drdd["iterations"] >= 1 and drdd["budget_seconds"] == BUDGET
+    assert cbct["iterations"] == 0 and cbct["budget_seconds"] == 0 and cbct["sampler_used"] is None
+    assert cbct["cases"] == drdd["cases"]
+    # the input row scores the held-out CBCT against its CT, and both methods' CBCTs are the same scans
+    case = cbct["cases"][0]
+    scans = [{n: nib.load(tmp_path / "w" / m / "data" / "heldout" / case / f"{n}.nii.gz").get_fdata()
+              for n in ("cbct", "ct", "mask")} for m in ("drdd", "input")]
+    assert np.array_equal(scans[0]["cbct"], scans[1]["cbct"])
+    expected = synthrad2023_mae(scans[1]["cbct"], scans[1]["ct"], scans[1]["mask"])
+    assert cbct["per_case"]["mae_hu"][0] == pytest.approx(expected)
+
+
+def test_the_input_of_an_mr_to_ct_task_is_not_a_ct_to_score(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare_methods.main(["--output", str(tmp_path / "x.jsonl"), "--budget-seconds", "1", "--method", "input"])
+    assert "the mr2ct source is not a CT" in capsys.readouterr().err
 
 
 def test_the_figure_shows_each_kept_output_of_a_held_out_case_and_never_overwrites(compared, capsys):

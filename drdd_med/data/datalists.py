@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from monai.data import load_decathlon_datalist
@@ -28,6 +29,16 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 SYNTHRAD_SOURCES = {"Task1": "mr", "Task2": "cbct"}
+
+
+class SourceSimulator(Protocol):
+    """What ``prepare_heldout_case`` needs of a simulator transform (``SimulateLowDose``, ``SimulateCBCT``)."""
+
+    source_tag: str  # the simulated scan's file name, e.g. "ldct", "cbct"
+
+    def recipe(self) -> dict: ...  # its settings, JSON-ready, recorded beside the held-out files
+
+    def simulate(self, volume_hu, spacing_mm, seed: int, name: str = "volume"): ...
 
 
 def _image_in(folder: Path, stem: str) -> Path | None:
@@ -303,33 +314,36 @@ def _file_stamp(path: str | os.PathLike) -> dict:
             "mtime_ns": max((p.stat().st_mtime_ns for p in files), default=0)}
 
 
-def prepare_heldout_case(item: dict, heldout_dir: str | os.PathLike, dose_fraction: float, seed: int = 0) -> dict:
-    """Write one held-out case as ``HELDOUT/<case>/{ldct,ct,mask}.nii.gz`` and return its datalist item.
+def prepare_heldout_case(item: dict, heldout_dir: str | os.PathLike, simulator: SourceSimulator, seed: int = 0) -> dict:
+    """Write one held-out case as ``HELDOUT/<case>/{<tag>,ct,mask}.nii.gz`` and return its datalist item.
 
-    ``item`` has ``case_id``, ``target`` (full-dose CT: image file or DICOM folder) and optionally
-    ``source`` (a real low-dose scan of the same slices). Without a source the low-dose scan is
-    simulated at ``dose_fraction`` with a noise seed drawn from ``seed`` and the case id, so the
-    input of a case is the same whatever the split or the order. ``mask`` is the body of the
-    full-dose CT (> -500 HU). Both scans must be CT in HU on one grid (errors name the case). A
+    ``simulator`` is the array transform that makes the bundle's source scan from a CT
+    (``SimulateLowDose``, tag ``ldct``; ``SimulateCBCT``, tag ``cbct``), set to one value of each
+    setting (its ``recipe()``, e.g. one dose). ``item`` has ``case_id``, ``target`` (the CT: image
+    file or DICOM folder) and optionally ``source`` (a real scan of the same slices, e.g. a Mayo
+    quarter-dose series). Without a source it is simulated with a noise seed drawn from ``seed`` and
+    the case id, so the input of a case is the same whatever the split or the order. ``mask`` is the
+    body of the CT (> -500 HU). Both scans must be CT in HU on one grid (errors name the case). A
     hidden record of what the files were made from lets a rerun reuse them, and rewrite them when
-    the dose, the seed or an input file changed.
+    the simulator's settings, the seed or an input file changed.
     """
     import json
 
     from drdd_med.data.readers import load_volume
     from drdd_med.data.writers import write_volume
     from drdd_med.errors import GridMismatchError
-    from drdd_med.ldct import check_dose_fraction, check_hounsfield, simulate_low_dose
+    from drdd_med.ldct import check_hounsfield
     from drdd_med.transforms.array import BodyMask
 
     case_id = item["case_id"]
     case_dir = Path(heldout_dir) / case_id
-    paths = {"source": case_dir / "ldct.nii.gz", "target": case_dir / "ct.nii.gz", "mask": case_dir / "mask.nii.gz"}
+    paths = {"source": case_dir / f"{simulator.source_tag}.nii.gz", "target": case_dir / "ct.nii.gz",
+             "mask": case_dir / "mask.nii.gz"}
     recipe = {"target": _file_stamp(item["target"])}
     if "source" in item:
         recipe["source"] = _file_stamp(item["source"])
     else:
-        recipe.update(dose_fraction=check_dose_fraction(dose_fraction), seed=_case_seed(case_id, seed))
+        recipe.update(simulator.recipe(), seed=_case_seed(case_id, seed))
     record = case_dir / HELDOUT_RECORD
     if record.is_file() and all(p.is_file() for p in paths.values()):
         try:
@@ -345,13 +359,12 @@ def prepare_heldout_case(item: dict, heldout_dir: str | os.PathLike, dose_fracti
         source = load_volume(item["source"], expected_modality="CT")
         check_hounsfield(source, f"{case_id}/source")
         if tuple(source.shape) != tuple(target.shape) or not np.allclose(source.affine, affine, atol=1e-3):
-            raise GridMismatchError(f"{case_id}: the low-dose and full-dose scans are not on one voxel grid "
+            raise GridMismatchError(f"{case_id}: the source and target scans are not on one voxel grid "
                                     f"(shapes {tuple(source.shape)} and {tuple(target.shape)})")
         source = source.numpy()
     else:
         spacing = np.linalg.norm(affine[:3, :2], axis=0)
-        source = simulate_low_dose(target.numpy(), spacing, recipe["dose_fraction"], seed=recipe["seed"],
-                                   name=f"{case_id}/target")
+        source = simulator.simulate(target.numpy(), spacing, recipe["seed"], name=f"{case_id}/target")
     mask = BodyMask(threshold=BODY_THRESHOLD_HU)(target[None])[0].numpy()
     record.unlink(missing_ok=True)  # the files below no longer match the old record
     write_volume(source, affine, paths["source"], overwrite=True)
@@ -359,6 +372,96 @@ def prepare_heldout_case(item: dict, heldout_dir: str | os.PathLike, dose_fracti
     write_volume(mask, affine, paths["mask"], dtype=np.uint8, overwrite=True)
     record.write_text(json.dumps(recipe, indent=1))
     return {"case_id": case_id, **{k: str(p) for k, p in paths.items()}}
+
+
+class RealPairLayout(NamedTuple):
+    """A layout of real source/target pairs beside CT volumes: how to read it, and its name for errors."""
+
+    read: Callable[[Path], list[dict]]
+    description: str
+
+
+MAYO_LAYOUT = RealPairLayout(
+    mayo_datalist,
+    f"AAPM/Mayo 2016 patient folders (<patient>/{MAYO_SOURCE_FOLDER}, <patient>/{MAYO_TARGET_FOLDER})",
+)
+
+
+def prepare_simulated_datalists(
+    dataset_dir: str | os.PathLike,
+    heldout_dir: str | os.PathLike,
+    simulator: SourceSimulator,
+    num_validation: int = 4,
+    demo_dir: str | os.PathLike | None = None,
+    demo_cases: int = 16,
+    demo_shape: Sequence[int] = (128, 128, 48),
+    demo_spacing: Sequence[float] = (1.5, 1.5, 3.0),
+    seed: int = 0,
+    real_pairs: RealPairLayout | None = None,
+    held_out: Sequence[str] = (),
+) -> dict[str, list[dict]]:
+    """The datalists of a bundle whose source scan is simulated from CT: ``paired``, ``pool``, ``validation``.
+
+    ``dataset_dir`` is either
+
+    - a ``real_pairs`` layout (e.g. ``MAYO_LAYOUT``): ``paired`` items hold the real ``source`` and
+      ``target`` scans; the cases in ``held_out`` are the validation cases; or
+    - a folder of CT volumes (searched recursively; ``target_pool``): ``paired`` items hold only the
+      ``target``, the training pipeline simulates the ``source``; ``num_validation`` cases are held
+      out with ``seed``. When the folder is the bundle's ``demo_dir`` and holds no volume,
+      ``demo_cases`` CT-only demo head phantoms of ``demo_shape`` voxels at ``demo_spacing`` mm are
+      written there first; any other empty folder is an error naming the layouts read.
+
+    Held-out cases are written to ``heldout_dir`` by ``prepare_heldout_case`` (the real source, or
+    one made by ``simulator``, an array transform set to one value of each setting), so that
+    validation, inference and scoring all read the same input files. ``pool`` is the CT of every
+    training case, for the noise stage.
+    """
+    recipe = simulator.recipe()  # a range for the held-out inputs is refused before anything is written
+    dataset_dir, heldout_dir = Path(dataset_dir).resolve(), Path(heldout_dir).resolve()
+    if heldout_dir == dataset_dir or dataset_dir in heldout_dir.parents:
+        raise ValueError(f"heldout_dir must lie outside dataset_dir ({dataset_dir}); its files would count as cases")
+    cases = real_pairs.read(dataset_dir) if real_pairs is not None else []
+    if cases:
+        ids = [item["case_id"] for item in cases]
+        missing = sorted(set(held_out) - set(ids))
+        if missing or len(set(held_out)) >= len(ids):
+            raise DRDDInputError(f"held-out patients {missing or list(held_out)} must be some, not all, of the "
+                                 f"patients found ({', '.join(ids)})")
+        training = [item for item in cases if item["case_id"] not in held_out]
+        validation = [item for item in cases if item["case_id"] in held_out]
+    else:
+        synthrad = [task for task in SYNTHRAD_SOURCES if (dataset_dir / task).is_dir()]
+        if synthrad:
+            raise DRDDInputError(
+                f"dataset_dir is a SynthRAD folder ({synthrad[0]}/): this bundle trains on CT volumes whose "
+                f"{simulator.source_tag} scans it simulates, and would take the folder's source and mask images "
+                "for CTs; give it a folder of CT volumes (translate SynthRAD cases with the inference's --input)"
+            )
+        cases = target_pool(dataset_dir)
+        if not cases:
+            if not _is_demo_dir(dataset_dir, demo_dir):
+                layouts = [real_pairs.description] if real_pairs is not None else []
+                layouts.append(f"CT volumes ({', '.join(IMAGE_SUFFIXES)}, any depth) whose {simulator.source_tag} "
+                               "scans are simulated")
+                raise DRDDInputError(
+                    f"dataset_dir holds no data in a layout drdd_med reads: {' or '.join(layouts)}; point "
+                    "dataset_dir at such a folder, or leave it at the bundle's default to train on the built-in "
+                    "demo data"
+                )
+            from drdd_med.data.demo import write_demo_dataset
+
+            summary = write_demo_dataset(dataset_dir, num_paired=0, num_unpaired=demo_cases, shape=demo_shape,
+                                         spacing=demo_spacing, seed=seed)
+            logger.info("dataset_dir holds no data: generated the built-in demo dataset there (%s)", _counts(summary))
+            cases = target_pool(dataset_dir)
+        training, validation = split_cases(cases, num_validation, seed)
+    validation = [prepare_heldout_case(item, heldout_dir, simulator, seed) for item in validation]
+    pool = [{"case_id": item["case_id"], "target": item["target"]} for item in training]
+    logger.info("datalists: %d paired (%s %s), %d CTs for the noise stage, %d held-out cases (%s)",
+                len(training), "real" if training and "source" in training[0] else "simulated",
+                simulator.source_tag, len(pool), len(validation), recipe)
+    return {"paired": training, "pool": pool, "validation": validation}
 
 
 def prepare_ldct_datalists(
@@ -373,85 +476,60 @@ def prepare_ldct_datalists(
     demo_spacing: Sequence[float] = (1.5, 1.5, 3.0),
     seed: int = 0,
 ) -> dict[str, list[dict]]:
-    """The datalists of a low-dose CT bundle: ``paired``, ``pool`` (full-dose CT) and ``validation``.
-
-    ``dataset_dir`` is either
-
-    - an AAPM/Mayo 2016 folder (``mayo_datalist``): ``paired`` items hold the real quarter-dose
-      ``source`` and full-dose ``target`` series; the patients in ``held_out`` (default L506) are
-      the validation cases; or
-    - a folder of full-dose CT volumes (searched recursively; ``target_pool``): ``paired`` items hold
-      only the ``target``, the training pipeline simulates the low-dose ``source``;
-      ``num_validation`` cases are held out with ``seed``. When the folder is the bundle's
-      ``demo_dir`` and holds no volume, ``demo_cases`` CT-only demo head phantoms of ``demo_shape``
-      voxels at ``demo_spacing`` mm are written there first; any other empty folder is an error.
-
-    Held-out cases are written to ``heldout_dir`` by ``prepare_heldout_case`` (real low-dose scan,
-    or one simulated at ``dose_fraction``), so that validation, inference and scoring all read the
-    same input files. ``pool`` is the full-dose CT of every training case, for the noise stage.
+    """``prepare_simulated_datalists`` for low-dose CT: the AAPM/Mayo 2016 layout (patients in
+    ``held_out``, default L506, validate) or full-dose CT volumes whose held-out low-dose scans are
+    simulated at ``dose_fraction``.
     """
-    from drdd_med.ldct import check_dose_fraction
+    from drdd_med.transforms.ldct import SimulateLowDose
 
-    check_dose_fraction(dose_fraction)
-    dataset_dir, heldout_dir = Path(dataset_dir).resolve(), Path(heldout_dir).resolve()
-    if heldout_dir == dataset_dir or dataset_dir in heldout_dir.parents:
-        raise ValueError(f"heldout_dir must lie outside dataset_dir ({dataset_dir}); its files would count as cases")
-    cases = mayo_datalist(dataset_dir)
+    return prepare_simulated_datalists(dataset_dir, heldout_dir, SimulateLowDose(dose_fraction), num_validation,
+                                       demo_dir, demo_cases, demo_shape, demo_spacing, seed, real_pairs=MAYO_LAYOUT,
+                                       held_out=held_out)
+
+
+def simulated_inference_datalist(
+    input_path: str | os.PathLike | None,
+    dataset_dir: str | os.PathLike,
+    heldout_dir: str | os.PathLike,
+    simulator: SourceSimulator,
+    task: str = "Task1",
+    real_pairs: RealPairLayout | None = None,
+    **split: object,
+) -> list[dict]:
+    """Source scans to translate: from ``input_path``, or else the held-out cases of ``dataset_dir``.
+
+    ``input_path`` may be a ``real_pairs`` folder (every case's source, with its reference), a DICOM
+    series (folder or file), or anything ``inference_datalist`` takes (a SynthRAD ``task`` folder,
+    image file, folder of images, JSON datalist). Without it, ``prepare_simulated_datalists(dataset_dir,
+    heldout_dir, simulator, real_pairs=real_pairs, **split)`` gives the held-out cases (no demo data
+    is generated here).
+    """
+    from drdd_med.data.readers import DICOM_SUFFIXES
+
+    if input_path is None or str(input_path) == "":
+        return prepare_simulated_datalists(dataset_dir, heldout_dir, simulator, real_pairs=real_pairs,
+                                           **split)["validation"]
+    path = Path(input_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path.name}: the inference input does not exist")
+    cases = real_pairs.read(path) if real_pairs is not None else []
     if cases:
-        ids = [item["case_id"] for item in cases]
-        missing = sorted(set(held_out) - set(ids))
-        if missing or len(set(held_out)) >= len(ids):
-            raise DRDDInputError(f"held-out patients {missing or list(held_out)} must be some, not all, of the "
-                                 f"patients found ({', '.join(ids)})")
-        training = [item for item in cases if item["case_id"] not in held_out]
-        validation = [item for item in cases if item["case_id"] in held_out]
-    else:
-        cases = target_pool(dataset_dir)
-        if not cases:
-            if not _is_demo_dir(dataset_dir, demo_dir):
-                raise DRDDInputError(
-                    "dataset_dir holds no data in a layout drdd_med reads: AAPM/Mayo 2016 patient folders "
-                    f"(<patient>/{MAYO_SOURCE_FOLDER}, <patient>/{MAYO_TARGET_FOLDER}) or full-dose CT volumes "
-                    f"({', '.join(IMAGE_SUFFIXES)}, any depth); point dataset_dir at such a folder, or leave it at "
-                    "the bundle's default to train on the built-in demo data"
-                )
-            from drdd_med.data.demo import write_demo_dataset
-
-            summary = write_demo_dataset(dataset_dir, num_paired=0, num_unpaired=demo_cases, shape=demo_shape,
-                                         spacing=demo_spacing, seed=seed)
-            logger.info("dataset_dir holds no data: generated the built-in demo dataset there (%s)", _counts(summary))
-            cases = target_pool(dataset_dir)
-        training, validation = split_cases(cases, num_validation, seed)
-    validation = [prepare_heldout_case(item, heldout_dir, dose_fraction, seed) for item in validation]
-    pool = [{"case_id": item["case_id"], "target": item["target"]} for item in training]
-    logger.info("datalists: %d paired (%s low dose), %d full-dose CTs for the noise stage, %d held-out cases",
-                len(training), "real" if training and "source" in training[0] else "simulated", len(pool), len(validation))
-    return {"paired": training, "pool": pool, "validation": validation}
+        return cases
+    if path.is_dir() and not target_pool(path) or path.name.lower().endswith(DICOM_SUFFIXES):
+        return [{"case_id": path.stem if path.is_file() else path.name, "source": str(path)}]
+    return inference_datalist(path, task=task)
 
 
 def ldct_inference_datalist(
     input_path: str | os.PathLike | None,
     dataset_dir: str | os.PathLike,
     heldout_dir: str | os.PathLike,
+    dose_fraction: float = 0.25,
     **split: object,
 ) -> list[dict]:
-    """Low-dose scans to denoise: from ``input_path``, or else the held-out cases of ``dataset_dir``.
+    """``simulated_inference_datalist`` for low-dose CT: a Mayo folder gives every patient's
+    quarter-dose series; held-out low-dose scans are simulated at ``dose_fraction``."""
+    from drdd_med.transforms.ldct import SimulateLowDose
 
-    ``input_path`` may be a Mayo folder (every patient's quarter-dose series, with its full-dose
-    reference), a DICOM series (folder or file), or anything ``inference_datalist`` takes (image
-    file, folder of images, JSON datalist). Without it, ``prepare_ldct_datalists(dataset_dir,
-    heldout_dir, **split)`` gives the held-out cases (no demo data is generated here).
-    """
-    from drdd_med.data.readers import DICOM_SUFFIXES
-
-    if input_path is None or str(input_path) == "":
-        return prepare_ldct_datalists(dataset_dir, heldout_dir, **split)["validation"]
-    path = Path(input_path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path.name}: the inference input does not exist")
-    patients = mayo_datalist(path)
-    if patients:
-        return patients
-    if path.is_dir() and not target_pool(path) or path.name.lower().endswith(DICOM_SUFFIXES):
-        return [{"case_id": path.stem if path.is_file() else path.name, "source": str(path)}]
-    return inference_datalist(path)
+    return simulated_inference_datalist(input_path, dataset_dir, heldout_dir, SimulateLowDose(dose_fraction),
+                                        real_pairs=MAYO_LAYOUT, **split)

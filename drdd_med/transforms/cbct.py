@@ -41,6 +41,8 @@ class SimulateCBCT(Randomizable, Transform):
             ``incident_photons``, ``hu_scale``, ...).
     """
 
+    source_tag = "cbct"  # the simulated scan's file name in a held-out case, and its role tag (drdd_med.evaluation)
+
     def __init__(
         self,
         scatter_to_primary: float | Sequence[float] = SCATTER_TO_PRIMARY,
@@ -64,6 +66,21 @@ class SimulateCBCT(Randomizable, Transform):
         self.scatter_to_primary = float(self.R.uniform(*self.scatter_range))
         self.seed = int(self.R.randint(0, 2**31 - 1))
 
+    def simulate(self, volume_hu: NdarrayOrTensor, spacing_mm: Sequence[float], seed: int,
+                 name: str = "volume") -> NdarrayOrTensor:
+        """The CBCT of one CT ``(i, j[, k])`` at the current scatter ratio, with the noise of ``seed``."""
+        return simulate_cbct(volume_hu, spacing_mm, seed=seed, scatter_to_primary=self.scatter_to_primary,
+                             device=self.device, name=name, **self.simulator_args)
+
+    def recipe(self) -> dict:
+        """What a held-out scan is simulated with (``drdd_med.data.datalists.prepare_heldout_case``): one
+        scatter ratio and the other parameters given (the others are ``simulate_cbct``'s defaults)."""
+        if self.scatter_range[0] != self.scatter_range[1]:
+            raise DRDDInputError(
+                f"scatter_to_primary: a held-out scan is simulated at one ratio, got the range {self.scatter_range}"
+            )
+        return {"scatter_to_primary": self.scatter_range[0], **self.simulator_args}
+
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True, name: str = "image") -> NdarrayOrTensor:
         """``img`` channel first; each channel is simulated with its own seed (``seed + channel``)."""
         if randomize:
@@ -73,18 +90,7 @@ class SimulateCBCT(Randomizable, Transform):
             raise DRDDInputError(f"{name}: expected a channel-first image (C, i, j[, k]), got shape {tuple(img.shape)}")
         spacing = _in_plane_spacing(img, self.spacing_mm, name)
         data = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
-        channels = [
-            simulate_cbct(
-                data[c],
-                spacing,
-                seed=self.seed + c,
-                scatter_to_primary=self.scatter_to_primary,
-                device=self.device,
-                name=name,
-                **self.simulator_args,
-            )
-            for c in range(data.shape[0])
-        ]
+        channels = [self.simulate(data[c], spacing, self.seed + c, name) for c in range(data.shape[0])]
         out, *_ = convert_to_dst_type(torch.stack(channels), img, dtype=torch.float32)
         if isinstance(out, MetaTensor):
             out.meta[SCATTER_META_KEY] = self.scatter_to_primary

@@ -60,6 +60,8 @@ class SimulateLowDose(Randomizable, Transform):
         device: where to compute (default: where the image is).
     """
 
+    source_tag = "ldct"  # the simulated scan's file name in a held-out case, and its role tag (drdd_med.evaluation)
+
     def __init__(
         self,
         dose_fraction: float | Sequence[float] = (0.1, 0.5),
@@ -87,6 +89,28 @@ class SimulateLowDose(Randomizable, Transform):
         self.dose = float(self.R.uniform(*self.dose_range))
         self.seed = int(self.R.randint(0, 2**31 - 1))
 
+    def simulate(self, volume_hu: NdarrayOrTensor, spacing_mm: Sequence[float], seed: int,
+                 name: str = "volume") -> NdarrayOrTensor:
+        """The low-dose scan of one CT ``(i, j[, k])`` at the current dose, with the noise of ``seed``."""
+        return simulate_low_dose(
+            volume_hu,
+            spacing_mm,
+            self.dose,
+            seed=seed,
+            geometry=self.geometry,
+            incident_photons=self.incident_photons,
+            electronic_noise_counts=self.electronic_noise_counts,
+            window=self.window,
+            device=self.device,
+            name=name,
+        )
+
+    def recipe(self) -> dict:
+        """What a held-out scan is simulated with (``drdd_med.data.datalists.prepare_heldout_case``): one dose."""
+        if self.dose_range[0] != self.dose_range[1]:
+            raise DRDDInputError(f"dose_fraction: a held-out scan is simulated at one dose, got the range {self.dose_range}")
+        return {"dose_fraction": self.dose_range[0]}
+
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True, name: str = "image") -> NdarrayOrTensor:
         """``img`` channel first; each channel is simulated with its own seed (``seed + channel``)."""
         if randomize:
@@ -96,21 +120,7 @@ class SimulateLowDose(Randomizable, Transform):
             raise DRDDInputError(f"{name}: expected a channel-first image (C, i, j[, k]), got shape {tuple(img.shape)}")
         spacing = _in_plane_spacing(img, self.spacing_mm, name)
         data = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
-        channels = [
-            simulate_low_dose(
-                data[c],
-                spacing,
-                self.dose,
-                seed=self.seed + c,
-                geometry=self.geometry,
-                incident_photons=self.incident_photons,
-                electronic_noise_counts=self.electronic_noise_counts,
-                window=self.window,
-                device=self.device,
-                name=name,
-            )
-            for c in range(data.shape[0])
-        ]
+        channels = [self.simulate(data[c], spacing, self.seed + c, name) for c in range(data.shape[0])]
         out, *_ = convert_to_dst_type(torch.stack(channels), img, dtype=torch.float32)
         if isinstance(out, MetaTensor):
             out.meta[DOSE_META_KEY] = self.dose

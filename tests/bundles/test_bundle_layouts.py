@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = {
     "drdd_mr2ct": (),
     "drdd_ldct": ("configs/mayo.json", "configs/two_stage.json"),
+    "drdd_cbct2ct": ("configs/two_stage.json",),
 }
 COMMON = ("LICENSE", "large_files.yml", "docs/README.md", "configs/metadata.json", "configs/train.json",
           "configs/inference.json", "configs/evaluate.json", "configs/logging.conf")
@@ -40,8 +41,8 @@ def test_bundle_layout(bundle):
     assert train["bundle_root"] == f"bundles/{bundle}"
 
 
-# What the two bundles' train.json share: each bundle stays a complete folder (no base file outside it),
-# so this keeps a fix in one from being forgotten in the other. Task-specific ids (data, transforms,
+# What the bundles' train.json share: each bundle stays a complete folder (no base file outside it),
+# so this keeps a fix in one from being forgotten in the others. Task-specific ids (data, transforms,
 # metrics, sampler, model record) are the ones left out.
 SHARED_TRAINING_IDS = (
     "imports", "ckpt_dir", "output_dir", "demo_dir", "dataset_dir", "seed", "determinism", "device", "precision",
@@ -60,5 +61,7 @@ def test_bundles_share_one_training_skeleton():
         parser = ConfigParser()
         parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
         configs.append(parser)
-    different = [i for i in SHARED_TRAINING_IDS if configs[0].get(i) != configs[1].get(i)]
-    assert not different, f"the bundles' train.json differ in {different}: change both"
+    first, *others = BUNDLES
+    for bundle, other in zip(others, configs[1:]):
+        different = [i for i in SHARED_TRAINING_IDS if configs[0].get(i) != other.get(i)]
+        assert not different, f"{bundle}'s and {first}'s train.json differ in {different}: change all"

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from drdd_med.data.datalists import mayo_datalist, prepare_heldout_case, prepare_ldct_datalists
 from drdd_med.data.demo import write_demo_dataset
 from drdd_med.errors import DRDDInputError, NonFiniteError
+from drdd_med.transforms import SimulateLowDose
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "drdd_ldct"
@@ -148,8 +149,8 @@ def test_evaluate_scores_the_windowed_metrics_inside_the_body(inferred):
 
 def test_report_scores_drdd_against_the_low_dose_input_and_classical_denoisers(inferred):
     root, _ = inferred
-    log = run("scripts/ldct_demo_report.py", "--bundle_root", str(root), "--override", "num_validation=2",
-              "--calibration_cases", "2")
+    log = run("scripts/ct_correction_report.py", "--bundle_root", str(root), "--task", "ldct",
+              "--override", "num_validation=2", "--calibration_cases", "2")
     report = json.loads((root / "report" / "report.json").read_text())
     assert set(report["metrics"]) == {"drdd", "low_dose", "nlm", "tv"}
     assert report["dose_fraction"] == 0.01 and set(report["filter_strengths"]) == {"nlm", "tv"}
@@ -158,7 +159,7 @@ def test_report_scores_drdd_against_the_low_dose_input_and_classical_denoisers(i
     assert metrics["nlm"]["psnr_abdomen"]["mean"] > metrics["low_dose"]["psnr_abdomen"]["mean"]
     assert "non-local means" in log and (root / "report" / "preview.png").stat().st_size > 1000
     assert not (root / "report" / "calibration").exists()  # training cases never end up among the scored ones
-    again = run("scripts/ldct_demo_report.py", "--bundle_root", str(root), expect_ok=False)
+    again = run("scripts/ct_correction_report.py", "--bundle_root", str(root), "--task", "ldct", expect_ok=False)
     assert "pass --overwrite" in again
 
 
@@ -192,15 +193,15 @@ def demo_cts(tmp_path):
 
 def test_held_out_input_is_reproducible_and_follows_the_dose(demo_cts, tmp_path):
     item = {"case_id": "1BP001", "target": str(demo_cts / "ct_pool" / "1BP001.nii.gz")}
-    first = prepare_heldout_case(item, tmp_path / "a", dose_fraction=0.01)
-    again = prepare_heldout_case(item, tmp_path / "b", dose_fraction=0.01)
+    first = prepare_heldout_case(item, tmp_path / "a", SimulateLowDose(0.01))
+    again = prepare_heldout_case(item, tmp_path / "b", SimulateLowDose(0.01))
     stamp = Path(first["source"]).stat().st_mtime_ns
-    assert prepare_heldout_case(item, tmp_path / "a", dose_fraction=0.01) == first  # reused, not rewritten
+    assert prepare_heldout_case(item, tmp_path / "a", SimulateLowDose(0.01)) == first  # reused, not rewritten
     assert Path(first["source"]).stat().st_mtime_ns == stamp
     read = lambda path: np.asarray(nib.load(path).dataobj, dtype=np.float32)  # noqa: E731
     np.testing.assert_array_equal(read(first["source"]), read(again["source"]))
     noise_low = np.std(read(first["source"]) - read(first["target"]))
-    prepare_heldout_case(item, tmp_path / "a", dose_fraction=0.04)  # another dose: the input is rewritten
+    prepare_heldout_case(item, tmp_path / "a", SimulateLowDose(0.04))  # another dose: the input is rewritten
     assert np.std(read(first["source"]) - read(first["target"])) < 0.75 * noise_low
 
 
@@ -321,7 +322,7 @@ def test_a_user_folder_without_data_gets_the_layouts_not_demo_data(tmp_path):
     (tmp_path / "empty").mkdir()
     err = _cause_of(_train_parser(tmp_path / "empty"), "datalists")
     assert isinstance(err, DRDDInputError) and "holds no data in a layout drdd_med reads" in str(err)
-    assert "AAPM/Mayo 2016" in str(err) and "full-dose CT volumes" in str(err)
+    assert "AAPM/Mayo 2016" in str(err) and "CT volumes" in str(err)
     assert not any((tmp_path / "empty").iterdir())  # nothing generated there
 
 

@@ -132,3 +132,55 @@ def test_demo_data_is_generated_only_at_the_bundles_demo_folder(tmp_path, monkey
     with pytest.raises(DRDDInputError):  # the stub writes nothing, so the demo folder stays empty
         prepare_datalists(tmp_path / "demo" / ".." / "demo", demo_dir=tmp_path / "demo")
     assert written == [tmp_path / "demo" / ".." / "demo"]  # the same folder, however it is spelled
+
+
+# --- bundles whose source scan is simulated from CT (drdd_ldct, drdd_cbct2ct) --------------------------
+
+
+class _PlusHundred:
+    """A stand-in simulator: the source is the CT + 100 HU (the recipe and the seed are what is checked)."""
+
+    source_tag = "fake"
+
+    def __init__(self, offset=100.0):
+        self.offset = offset
+
+    def recipe(self):
+        return {"offset": self.offset}
+
+    def simulate(self, volume_hu, spacing_mm, seed, name="volume"):
+        return volume_hu + self.offset
+
+
+def test_simulated_datalists_write_each_held_out_source_with_the_simulator_and_its_recipe(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from drdd_med.data.datalists import HELDOUT_RECORD, prepare_simulated_datalists
+    from drdd_med.data.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "cts", num_paired=0, num_unpaired=4, shape=(24, 24, 2), spacing=(8, 8, 8))
+    lists = prepare_simulated_datalists(tmp_path / "cts", tmp_path / "heldout", _PlusHundred(), num_validation=1)
+    assert len(lists["paired"]) == 3 and all(set(it) == {"case_id", "target"} for it in lists["paired"])
+    assert [it["case_id"] for it in lists["pool"]] == [it["case_id"] for it in lists["paired"]]
+    (held,) = lists["validation"]
+    assert held["source"].endswith(f"{held['case_id']}/fake.nii.gz")
+    source, ct = (np.asarray(nib.load(held[k]).dataobj, np.float32) for k in ("source", "target"))
+    np.testing.assert_array_equal(source, ct + 100)
+    record = json.loads((tmp_path / "heldout" / held["case_id"] / HELDOUT_RECORD).read_text())
+    assert record["offset"] == 100 and "seed" in record
+    again = prepare_simulated_datalists(tmp_path / "cts", tmp_path / "heldout", _PlusHundred(50), num_validation=1)
+    assert again["validation"] == lists["validation"]  # same case, same files: rewritten with the new recipe
+    np.testing.assert_array_equal(np.asarray(nib.load(held["source"]).dataobj, np.float32), ct + 50)
+
+
+def test_simulated_inference_reads_a_synthrad_task2_folder_and_the_held_out_cases(tmp_path):
+    from drdd_med.data.datalists import simulated_inference_datalist
+
+    for name in ("cbct", "ct", "mask"):
+        _touch(tmp_path / "synthrad" / "Task2" / "pelvis" / "2PA001" / f"{name}.nii.gz")
+    (item,) = simulated_inference_datalist(tmp_path / "synthrad", tmp_path / "cts", tmp_path / "heldout",
+                                           _PlusHundred(), task="Task2")
+    assert item["case_id"] == "2PA001" and item["source"].endswith("cbct.nii.gz") and item["target"].endswith("ct.nii.gz")
+    with pytest.raises(DRDDInputError, match="holds no data in a layout"):  # no input: the held-out cases, none here
+        simulated_inference_datalist("", tmp_path / "empty", tmp_path / "heldout", _PlusHundred())
