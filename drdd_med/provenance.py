@@ -1,8 +1,12 @@
-"""Where a committed result came from: the commit measured, and whether the code differed from it."""
+"""Where a committed result came from: the commit measured, whether the code differed from it, the command."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -16,3 +20,19 @@ def git_state(root: str | Path) -> dict:
 
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs", ":(exclude)*.md")
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def write_results(path: str | Path, result: dict, script: str, argv: Sequence[str] | None, measured: dict,
+                  overwrite: bool = False) -> None:
+    """Write a results file under ``docs/results``: ``result``, then the command that made it (``python
+    scripts/SCRIPT ARGS``), the ``git_state`` measured as the run started, and the date; indented JSON,
+    written atomically, never over an existing file unless ``overwrite``."""
+    from drdd_med.data.files import atomic_output
+
+    record = {**result, "command": f"python scripts/{script} " + " ".join(argv or sys.argv[1:]), **measured,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, overwrite=overwrite) as out:
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"results: {path}")

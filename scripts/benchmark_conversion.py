@@ -25,7 +25,6 @@ appends the machine, command and commit. Example (the figures in the README)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -37,11 +36,10 @@ import torch
 
 from drdd_med.benchmark import build_networks, environment
 from drdd_med.bundle import BundleTranslator
-from drdd_med.data.files import atomic_output
 from drdd_med.pacs.convert import BatchConverter
 from drdd_med.pacs.demo import write_demo_mr_series
 from drdd_med.pacs.endpoints import FolderDestination, FolderSource
-from drdd_med.provenance import git_state
+from drdd_med.provenance import git_state, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("before", "tuned_fp32", "tuned")
@@ -127,12 +125,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"what": "drdd-med convert, folder to folder, one series", "bundle": args.bundle,
-              "preset": args.preset, "rows": rows, "machine": environment(torch.device("cpu")),
-              "command": "python scripts/benchmark_conversion.py " + " ".join(argv or sys.argv[1:]),
-              **measured, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    with atomic_output(args.output, overwrite=args.overwrite) as out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {args.output}")
+              "preset": args.preset, "rows": rows, "machine": environment(torch.device("cpu"))}
+    write_results(args.output, result, "benchmark_conversion.py", argv, measured, overwrite=args.overwrite)
     return 0
 
 

@@ -17,7 +17,6 @@ figures of docs/results/training_speed_mr2ct.json)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import statistics
@@ -30,8 +29,7 @@ from pathlib import Path
 import torch
 
 from drdd_med.benchmark import environment
-from drdd_med.data.files import atomic_output
-from drdd_med.provenance import git_state
+from drdd_med.provenance import git_state, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):(\d+(?:\.\d+)?)")
@@ -113,12 +111,8 @@ def main(argv=None) -> int:
     result = {"what": f"seconds per training iteration of {args.bundle}'s training command, no validation",
               "bundle": args.bundle, "epochs": args.epochs, "rounds": args.rounds, "overrides": args.override,
               "rows": rows,
-              "machine": environment(torch.device("cpu")),
-              "command": "python scripts/training_speed.py " + " ".join(argv or sys.argv[1:]),
-              **measured, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    with atomic_output(args.output, overwrite=args.overwrite) as out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {args.output}")
+              "machine": environment(torch.device("cpu"))}
+    write_results(args.output, result, "training_speed.py", argv, measured, overwrite=args.overwrite)
     return 0
 
 

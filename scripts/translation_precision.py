@@ -19,7 +19,6 @@ figures)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -31,10 +30,9 @@ import numpy as np
 import torch
 
 from drdd_med.benchmark import environment
-from drdd_med.data.files import atomic_output
 from drdd_med.engines import cpu_bf16_native
 from drdd_med.evaluation import evaluate_folders
-from drdd_med.provenance import git_state
+from drdd_med.provenance import git_state, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -117,12 +115,8 @@ def main(argv=None) -> int:
                                 "ssim": row["metrics"]["ssim"]["mean"]}), flush=True)
     result = {"what": "the bundle's inference in each precision, same weights, seed and cases",
               "bundle_root": str(args.bundle_root), "cpu_bf16_native": cpu_bf16_native(), "rows": rows,
-              "machine": environment(torch.device("cpu")),
-              "command": "python scripts/translation_precision.py " + " ".join(argv or sys.argv[1:]),
-              **measured, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    with atomic_output(args.output, overwrite=args.overwrite) as out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {args.output}")
+              "machine": environment(torch.device("cpu"))}
+    write_results(args.output, result, "translation_precision.py", argv, measured, overwrite=args.overwrite)
     return 0
 
 

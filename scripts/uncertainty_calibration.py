@@ -20,8 +20,6 @@ table. Example (the README's figures)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import tempfile
 import warnings
@@ -34,9 +32,8 @@ from monai.bundle import ConfigParser
 from scipy import stats
 
 from drdd_med.benchmark import environment
-from drdd_med.data.files import atomic_output
 from drdd_med.metrics.functional import TISSUE_CLASSES, TISSUE_THRESHOLDS
-from drdd_med.provenance import git_state
+from drdd_med.provenance import git_state, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIONS = ("body", *TISSUE_CLASSES)
@@ -150,20 +147,14 @@ def main(argv=None) -> int:
     result = {"what": "per-voxel std of DRDD samples against the error of their mean, inside the body mask",
               "bundle_root": str(args.bundle_root), "num_samples": args.num_samples, **settings,
               "tissue_thresholds_hu": list(TISSUE_THRESHOLDS), "cases": rows, "mean": summary,
-              "machine": environment(torch.device(settings["device"])),
-              "command": "python scripts/uncertainty_calibration.py " + " ".join(argv or sys.argv[1:]),
-              **measured, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(args.output, overwrite=args.overwrite) as out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-
+              "machine": environment(torch.device(settings["device"]))}
     print(f"{len(rows)} held-out cases, {args.num_samples} samples each: {', '.join(r['case'] for r in rows)}")
     print(f"{'region':12s} {'Pearson':>9s} {'Spearman':>9s} {'|err|<=2std':>12s}")
     for region in REGIONS:
         cells = [summary[region][m]["mean"] for m in MEASURES]
         print(f"{region:12s} " + " ".join(f"{'n/a' if v is None else f'{v:.3f}':>{w}s}"
                                           for v, w in zip(cells, (9, 9, 12))))
-    print(f"results: {args.output}")
+    write_results(args.output, result, "uncertainty_calibration.py", argv, measured, overwrite=args.overwrite)
     return 0
 
 
