@@ -18,18 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
-from monai.transforms import Randomizable, Transform
-from monai.utils import convert_to_dst_type
 
 from drdd_med.cbct import SCATTER_TO_PRIMARY, simulate_cbct
 from drdd_med.errors import DRDDInputError
-from drdd_med.transforms.ldct import _in_plane_spacing, _name_of, _SimulatedScand
+from drdd_med.transforms.ldct import _SimulatedScan, _SimulatedScand
 
 SCATTER_META_KEY = "cbct_scatter_to_primary"
 
 
-class SimulateCBCT(Randomizable, Transform):
+class SimulateCBCT(_SimulatedScan):
     """CT in HU -> the simulated CBCT of the same anatomy, with a random amount of scatter.
 
     Args:
@@ -81,20 +78,8 @@ class SimulateCBCT(Randomizable, Transform):
             )
         return {"scatter_to_primary": self.scatter_range[0], **self.simulator_args}
 
-    def __call__(self, img: NdarrayOrTensor, randomize: bool = True, name: str = "image") -> NdarrayOrTensor:
-        """``img`` channel first; each channel is simulated with its own seed (``seed + channel``)."""
-        if randomize:
-            self.randomize()
-        name = _name_of(img, name)
-        if img.ndim not in (3, 4):
-            raise DRDDInputError(f"{name}: expected a channel-first image (C, i, j[, k]), got shape {tuple(img.shape)}")
-        spacing = _in_plane_spacing(img, self.spacing_mm, name)
-        data = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
-        channels = [self.simulate(data[c], spacing, self.seed + c, name) for c in range(data.shape[0])]
-        out, *_ = convert_to_dst_type(torch.stack(channels), img, dtype=torch.float32)
-        if isinstance(out, MetaTensor):
-            out.meta[SCATTER_META_KEY] = self.scatter_to_primary
-        return out
+    def recorded(self) -> tuple[str, float]:
+        return SCATTER_META_KEY, self.scatter_to_primary
 
 
 class SimulateCBCTd(_SimulatedScand):

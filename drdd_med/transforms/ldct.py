@@ -49,7 +49,32 @@ def _in_plane_spacing(img: NdarrayOrTensor, spacing_mm: Sequence[float] | None, 
     return float(spacing_mm[0]), float(spacing_mm[1])
 
 
-class SimulateLowDose(Randomizable, Transform):
+class _SimulatedScan(Randomizable, Transform):
+    """What the array simulators share: one CT in, its simulated scan out, channel by channel.
+
+    A subclass has ``spacing_mm``, ``seed`` (drawn by its ``randomize``), ``simulate(volume, spacing,
+    seed, name)`` for one channel, and ``recorded()``: the metadata key and value of the parameter
+    drawn for this scan.
+    """
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True, name: str = "image") -> NdarrayOrTensor:
+        """``img`` channel first; each channel is simulated with its own seed (``seed + channel``)."""
+        if randomize:
+            self.randomize()
+        name = _name_of(img, name)
+        if img.ndim not in (3, 4):
+            raise DRDDInputError(f"{name}: expected a channel-first image (C, i, j[, k]), got shape {tuple(img.shape)}")
+        spacing = _in_plane_spacing(img, self.spacing_mm, name)
+        data = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
+        channels = [self.simulate(data[c], spacing, self.seed + c, name) for c in range(data.shape[0])]
+        out, *_ = convert_to_dst_type(torch.stack(channels), img, dtype=torch.float32)
+        if isinstance(out, MetaTensor):
+            key, value = self.recorded()
+            out.meta[key] = value
+        return out
+
+
+class SimulateLowDose(_SimulatedScan):
     """Full-dose CT in HU -> the same CT with the noise of a scan at a random fraction of the dose.
 
     Args:
@@ -111,20 +136,8 @@ class SimulateLowDose(Randomizable, Transform):
             raise DRDDInputError(f"dose_fraction: a held-out scan is simulated at one dose, got the range {self.dose_range}")
         return {"dose_fraction": self.dose_range[0]}
 
-    def __call__(self, img: NdarrayOrTensor, randomize: bool = True, name: str = "image") -> NdarrayOrTensor:
-        """``img`` channel first; each channel is simulated with its own seed (``seed + channel``)."""
-        if randomize:
-            self.randomize()
-        name = _name_of(img, name)
-        if img.ndim not in (3, 4):
-            raise DRDDInputError(f"{name}: expected a channel-first image (C, i, j[, k]), got shape {tuple(img.shape)}")
-        spacing = _in_plane_spacing(img, self.spacing_mm, name)
-        data = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
-        channels = [self.simulate(data[c], spacing, self.seed + c, name) for c in range(data.shape[0])]
-        out, *_ = convert_to_dst_type(torch.stack(channels), img, dtype=torch.float32)
-        if isinstance(out, MetaTensor):
-            out.meta[DOSE_META_KEY] = self.dose
-        return out
+    def recorded(self) -> tuple[str, float]:
+        return DOSE_META_KEY, self.dose
 
 
 class _SimulatedScand(Randomizable, MapTransform):
