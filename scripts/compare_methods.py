@@ -138,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the sampler")
     parser.add_argument("--network-preset", help="network size (default: the device profile's)")
     parser.add_argument("--paired-fraction", type=float, default=1.0)
+    parser.add_argument("--config", dest="fragments", action="append", default=[], type=Path, metavar="FRAGMENT",
+                        help="config fragment layered on each config of each method, after the method's own "
+                             "(e.g. bundles/drdd_ldct/configs/two_stage.json, configs/shared_ct_prior.json); repeatable")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                         help="bundle config override, e.g. learning_rate=1e-3 or patch_size=[96,96]; applied to "
                              "each config (train, inference) that has the key (for KEY a#b: the item a)")
@@ -152,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.bundle = args.bundle or ROOT / "bundles" / TASKS[args.task]["bundle"]
     args.sampler = args.sampler or ["default"]
     args.overrides = dict(_parse_override(text) for text in args.overrides)
+    missing = [str(path) for path in args.fragments if not path.is_file()]
+    if missing:
+        parser.error(f"--config: no such config fragment: {', '.join(missing)}")
     if not args.budget_seconds > 0:
         parser.error("--budget-seconds must be positive")
     return args
@@ -176,21 +182,29 @@ def _applies(parser: ConfigParser, key: str) -> bool:
     return (parent or key) in parser
 
 
-def bundle_parser(config: str, method: str, bundle: Path, settings: dict, overrides: dict) -> ConfigParser:
-    """The bundle's ``config`` (train/inference) for ``method``, with ``settings`` and the applicable ``overrides``."""
+def bundle_parser(config: str, method: str, bundle: Path, settings: dict, overrides: dict,
+                  fragments: list[Path] = ()) -> ConfigParser:
+    """The bundle's ``config`` (train/inference) for ``method`` with its fragments, then ``fragments``,
+    ``settings`` and the applicable ``overrides``."""
     parser = ConfigParser()
     with warnings.catch_warnings():  # inference.json has no "train" section for a fragment's "+train" to extend
         warnings.filterwarnings("ignore", message=r"Can't merge entry \['\+train'\]")
-        parser.read_config([str(bundle / "configs" / f"{config}.json"), *map(str, METHODS[method])])
+        parser.read_config([str(bundle / "configs" / f"{config}.json"), *map(str, METHODS[method]), *map(str, fragments)])
     parser.update(settings)
     parser.update({k: v for k, v in overrides.items() if _applies(parser, k)})
     return parser
 
 
+def _shown(path: Path) -> str:
+    """A fragment's path as the README's commands give it: relative to the project, where it lies there."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def check_overrides(args: argparse.Namespace) -> None:
     """Refuse an override that no config of any method has (a typo would otherwise change nothing)."""
     for key in args.overrides:
-        if not any(_applies(bundle_parser(config, method, args.bundle, {}, {}), key)
+        if not any(_applies(bundle_parser(config, method, args.bundle, {}, {}, args.fragments), key)
                    for config in ("train", "inference") for method in args.method):
             raise DRDDInputError(f"--set {key}: no such item in the bundle's train or inference config")
 
@@ -217,9 +231,11 @@ def planned_rows(args: argparse.Namespace) -> list[dict]:
     """The rows this run will write, identified by method and config (before any training)."""
     rows = []
     for method in args.method:
-        parser = bundle_parser("train", method, args.bundle, train_settings(args), args.overrides)
+        parser = bundle_parser("train", method, args.bundle, train_settings(args), args.overrides, args.fragments)
         config = {"bundle": args.bundle.name, "network_preset": parser.get_parsed_content("network_preset"),
                   "num_validation": args.num_validation, "seed": args.seed, "overrides": args.overrides}
+        if args.fragments:  # rows written before --config existed keep their key
+            config["fragments"] = [_shown(path) for path in args.fragments]
         variants = args.sampler if method == "drdd" else [None]
         for name in variants:
             sampler = {} if name is None else {"sampler": name, "sampler_settings": SAMPLERS[name]}
@@ -231,7 +247,7 @@ def planned_rows(args: argparse.Namespace) -> list[dict]:
 def train(method: str, args: argparse.Namespace, bundle_root: Path) -> dict:
     """Train ``method`` through the bundle until the budget; its time, iterations and checkpoint."""
     settings = {**train_settings(args), "bundle_root": str(bundle_root)}
-    parser = bundle_parser("train", method, args.bundle, settings, args.overrides)
+    parser = bundle_parser("train", method, args.bundle, settings, args.overrides, args.fragments)
     parser.get_parsed_content("initialize")  # seeds, refuses an existing model, attaches the final checkpoint
     trainer = parser.get_parsed_content("train#trainer")
     budget = TrainingBudget(args.budget_seconds)
@@ -251,7 +267,7 @@ def held_out_input(args: argparse.Namespace, bundle_root: Path) -> dict:
     """What ``--method input`` scores: the held-out cases as the bundle's training config writes them
     (demo data and simulated inputs included), each case's source standing for a translation."""
     settings = {**train_settings(args), "bundle_root": str(bundle_root)}
-    parser = bundle_parser("train", INPUT, args.bundle, settings, args.overrides)
+    parser = bundle_parser("train", INPUT, args.bundle, settings, args.overrides, args.fragments)
     return {"train_seconds": 0.0, "iterations": 0, "longest_iteration_seconds": 0.0, "trained_iterations": {},
             "device": parser.get_parsed_content("device"), "cases": parser.get_parsed_content("datalists")["validation"]}
 
@@ -270,7 +286,7 @@ def translate(method: str, sampler: dict, args: argparse.Namespace, trained: dic
     settings of the sampler that ran (``None`` for a regression model, which takes no steps)."""
     settings = {**split_settings(args), "bundle_root": str(out_dir.parent), "ckpt_path": str(trained["checkpoint"]),
                 "output_dir": str(out_dir)}
-    parser = bundle_parser("inference", method, args.bundle, settings, args.overrides)
+    parser = bundle_parser("inference", method, args.bundle, settings, args.overrides, args.fragments)
     parser.update({f"sampler#{k}": v for k, v in sampler.items()})  # a named variant means what it says
     parser.get_parsed_content("initialize")
     parser.get_parsed_content("run")

@@ -25,6 +25,8 @@ def _value(value) -> str:
         channels = [f"{name} channels {'/'.join(map(str, part['channels']))}"
                     for name, part in value.items() if isinstance(part, dict) and "channels" in part]
         return "(" + "; ".join(channels) + ")" if channels else json.dumps(value)
+    if isinstance(value, str) and "/" in value:  # a file (a prior's weights...): its name; the row keeps the path
+        return Path(value).name
     return str(value)
 
 
@@ -42,6 +44,7 @@ def describe(row: dict) -> str:
     parts = [row["method"]]
     if config.get("sampler"):
         parts.append(f"sampler {config['sampler']}")
+    parts += [f"+ {Path(fragment).stem}" for fragment in config.get("fragments", [])]
     parts += [f"{key} {_value(value)}" for key, value in sorted(config.get("overrides", {}).items())]
     if row.get("sampler_used"):
         parts.append(f"[{_sampler(row['sampler_used'])}]")
