@@ -41,7 +41,7 @@ def _bundle_datalists(source: str | os.PathLike | dict) -> tuple[str, dict]:
     settings = {"config_file": str(source)} if not isinstance(source, dict) else dict(source)
     config_file = Path(settings.pop("config_file", ""))
     if not config_file.is_file():
-        raise DRDDInputError(f"CT prior source {config_file.name or source!r}: no such training config file")
+        raise DRDDInputError(f"CT prior source {config_file.name or repr(source)}: no such training config file")
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser.update(settings)

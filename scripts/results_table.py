@@ -2,8 +2,9 @@
 
     python scripts/results_table.py docs/results/mr2ct_ibsi.jsonl
 
-One row per line of the file, in its order: method and its knobs (with the sampler that ran, when
-the row records it), paired fraction, budget and iterations (none for ``input``, the held-out input
+One row per line of the file, in its order, one table per task: method and its knobs (with the
+sampler that ran, when the row records it), paired fraction, budget and iterations (per stage where
+they differ, as for a noise network from a shared prior; none for ``input``, the held-out input
 scored as it is), then mean ± standard deviation over the
 held-out cases of MAE (HU), PSNR (dB), SSIM and, where the rows have it (low-dose CT), RMSE (HU).
 The metric definitions, machine and cases of the first row are printed under it.
@@ -66,6 +67,9 @@ def table(rows: list[dict]) -> str:
         metrics = " | ".join(spread(row, key, digits) for key, _, digits in metrics_shown)
         budget = ("none (the input itself)" if row["method"] == "input"
                   else f"{row.get('budget_seconds', round(row['train_seconds']))} / {row['iterations']}")
+        stages = row.get("trained_iterations") or {}
+        if len(set(stages.values())) > 1:  # e.g. a noise network from a shared prior, trained elsewhere
+            budget += " (" + ", ".join(f"{stage} {count}" for stage, count in stages.items()) + ")"
         lines.append(f"| {describe(row)} | {row['paired_fraction']:.0%} | {budget} | {metrics} |")
     first = rows[0]
     lines.append("")
@@ -82,7 +86,11 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     if not rows:
         parser.error(f"{args.results.name}: no results")
-    print(table(rows))
+    tasks = list(dict.fromkeys(row.get("task") for row in rows))
+    if len(tasks) == 1:
+        print(table(rows))
+    else:  # one table per task: their metrics are defined differently
+        print("\n\n".join(f"### {task}\n\n" + table([row for row in rows if row.get("task") == task]) for task in tasks))
     return 0
 
 

@@ -53,3 +53,24 @@ def test_low_dose_rows_add_rmse_and_rows_name_the_sampler_that_ran(tmp_path, cap
         "| 16.0 ± 1.4 |")
     assert lines[3].startswith("| cddim, network_def (residual channels 8/16), [DDIM 4 steps, predicts sample] |")
     assert "Metrics: PSNR in the abdomen window." in lines
+
+
+def test_a_file_of_several_tasks_gives_one_table_each_with_its_fragments_and_shared_stages(tmp_path, capsys):
+    specific = {**_row("drdd", [200.0, 220.0], "default"), "task": "mr2ct", "metrics": "SynthRAD2023",
+                "trained_iterations": {"residual": 700, "noise": 700}}
+    unified = {**_row("drdd", [190.0, 210.0], "default", {"noise_prior": "/tmp/work/ct_prior/models/checkpoint_final.pt"}),
+               "task": "mr2ct", "metrics": "SynthRAD2023", "trained_iterations": {"residual": 650, "noise": 2100}}
+    unified["config"]["fragments"] = ["configs/shared_ct_prior.json"]
+    ldct = {**_row("drdd", [20.0, 22.0], "default"), "task": "ldct", "metrics": "abdomen window", "rmse_hu": 15.0}
+    ldct["per_case"]["rmse_hu"] = [15.0, 15.0]
+    path = tmp_path / "unified.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (specific, unified, ldct)))
+    assert results_table.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    mr2ct, ldct_table = out.split("### ldct")
+    assert mr2ct.startswith("### mr2ct") and "RMSE" not in mr2ct and "RMSE (HU)" in ldct_table
+    lines = mr2ct.splitlines()
+    assert lines[4].startswith("| drdd, sampler default | 25% | 420.0 / 700 |")  # equal stages: no breakdown
+    assert lines[5].startswith("| drdd, sampler default, + shared_ct_prior, noise_prior checkpoint_final.pt | 25% | "
+                               "420.0 / 700 (residual 650, noise 2100) |")
+    assert "Metrics: SynthRAD2023." in mr2ct and "Metrics: abdomen window." in ldct_table
