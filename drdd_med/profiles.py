@@ -17,7 +17,8 @@ PROFILES: dict[str, dict] = {
     # but no faster on the demo's 64² patches. Translation runs in bf16: 1.4x faster sampling (same
     # file), and on a trained model its synthetic CTs differ from fp32 by 5 HU per voxel where another
     # sampling seed differs by 178 (docs/results/translation_precision_mr2ct.json). CPUs without native
-    # bf16 compute fp32 either way (engines.autocast_context)
+    # bf16 compute fp32 either way (engines.autocast_context). Nothing is torch.compile'd: on this CPU
+    # compiled 2 + 2 sampling is 0.71x as fast (docs/results/benchmark_cpu_compile.json)
     "cpu": {
         "network_preset": "cpu-demo",
         "precision": "fp32",
