@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.data.utils import is_supported_format
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from drdd_med.data.writers import RAS_TO_LPS
@@ -100,6 +100,18 @@ class SimpleITKReader(ImageReader):
             return np.concatenate([a for a, _ in loaded], axis=-1), meta
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
         return np.stack([a for a, _ in loaded]), meta
+
+
+class LoadVolumed(LoadImaged):
+    """MONAI's ``LoadImaged`` that also reads MetaImage and NRRD (SynthRAD2025's ``.mha``) through
+    ``SimpleITKReader``, picked by file suffix like MONAI's own readers; MONAI's ``ITKReader`` would
+    need the ``itk`` package, which drdd_med does not require. With an explicit ``reader`` it is
+    ``LoadImaged`` as it is. The bundles load every image with it."""
+
+    def __init__(self, keys, reader=None, *args, **kwargs):
+        super().__init__(keys, reader, *args, **kwargs)
+        if reader is None:
+            self.register(SimpleITKReader())
 
 
 def _format_of(path: Path) -> str:

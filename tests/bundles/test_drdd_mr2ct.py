@@ -81,6 +81,29 @@ def test_inference_writes_synthetic_ct_on_the_source_grid_and_reruns_skip(traine
     assert stamps == [(root / "eval" / c / "sct.nii.gz").stat().st_mtime_ns for c in cases]
 
 
+def test_a_synthrad2025_folder_of_mha_files_trains_and_translates(trained, tmp_path):
+    """SynthRAD2025's layout, ``Task1/HN/<case>/{mr,ct,mask}.mha``, read through SimpleITK (no itk package)."""
+    import SimpleITK as sitk
+
+    demo, data = trained[0] / "data" / "demo" / "Task1" / "brain", tmp_path / "synthrad2025"
+    cases = sorted(p.name for p in demo.iterdir())[:6]
+    for case in cases:
+        (data / "Task1" / "HN" / case).mkdir(parents=True)
+        for name in ("mr", "ct", "mask"):
+            sitk.WriteImage(sitk.ReadImage(str(demo / case / f"{name}.nii.gz")), str(data / "Task1" / "HN" / case / f"{name}.mha"))
+    root = tmp_path / "bundle"
+    log = bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(root), "--dataset_dir", str(data),
+                     "--max_epochs", "1", "--val_interval", "1", "--train#handlers#0#every", "1", *FAST)
+    assert "val_mae" in log and (root / "models" / "model.pt").is_file()
+    bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), "--dataset_dir", str(data), *HELD_OUT)
+    written = sorted(p.name for p in (root / "eval").iterdir())
+    assert len(written) == 2 and set(written) <= set(cases)
+    for case in written:
+        sct, mr = nib.load(root / "eval" / case / "sct.nii.gz"), nib.load(demo / case / "mr.nii.gz")
+        assert sct.shape == mr.shape
+        np.testing.assert_allclose(sct.affine, mr.affine, atol=1e-4)
+
+
 def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
     root, _ = trained
     bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)  # skips finished cases
