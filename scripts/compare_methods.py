@@ -408,17 +408,19 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, script: str = "compare_methods.py", parse=parse_args, runner=run) -> int:
+    """Parse ``argv``, run ``runner(args, work_dir, command)`` in ``--work-dir`` or a temporary folder, and
+    turn a user error into ``error: ...`` and exit status 2 (``compare_unified.py`` runs through it too)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "scripts/compare_methods.py", *argv])
+    args = parse(argv)
+    command = shlex.join(["python", f"scripts/{script}", *argv])
     try:
         if args.work_dir:
-            run(args, args.work_dir, command)
+            runner(args, args.work_dir, command)
         else:
-            with tempfile.TemporaryDirectory(prefix="drdd-compare-") as tmp:
-                run(args, Path(tmp), command)
+            with tempfile.TemporaryDirectory(prefix=f"drdd-{Path(script).stem}-") as tmp:
+                runner(args, Path(tmp), command)
     except Exception as err:
         cause = _root_cause(err)
         if not isinstance(cause, (DRDDInputError, OutputExistsError)):

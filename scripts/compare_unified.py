@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare_methods  # noqa: E402  (the comparison this script runs twice per task)
+import compare_methods  # the comparison this script runs twice per task
 
-from drdd_med.errors import DRDDInputError, OutputExistsError  # noqa: E402
-from drdd_med.handlers import TrainingBudget  # noqa: E402
-from drdd_med.prior import weights_digest  # noqa: E402
-from drdd_med.provenance import git_state, write_results  # noqa: E402
+from drdd_med.errors import OutputExistsError
+from drdd_med.handlers import TrainingBudget
+from drdd_med.prior import weights_digest
+from drdd_med.provenance import git_state, write_results
 
 ROOT = compare_methods.ROOT
 TASKS = ("mr2ct", "ldct", "cbct2ct")
@@ -137,23 +135,9 @@ def run(args: argparse.Namespace, work_dir: Path, command: str, argv: list[str])
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "scripts/compare_unified.py", *argv])
-    try:
-        if args.work_dir:
-            run(args, args.work_dir, command, argv)
-        else:
-            with tempfile.TemporaryDirectory(prefix="drdd-unified-") as tmp:
-                run(args, Path(tmp), command, argv)
-    except Exception as err:
-        cause = compare_methods._root_cause(err)
-        if not isinstance(cause, (DRDDInputError, OutputExistsError)):
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
-    return 0
+    return compare_methods.main(argv, script="compare_unified.py", parse=parse_args,
+                                runner=lambda args, work_dir, command: run(args, work_dir, command, argv))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from model_fixtures import make_real_networks
 
 from drdd_med import prior as prior_module
 from drdd_med.diffusion import DRDDSchedule
@@ -13,7 +14,6 @@ from drdd_med.errors import DRDDInputError
 from drdd_med.handlers import EMAHandler
 from drdd_med.networks import DRDDNetworks, RegressionNetworks
 from drdd_med.prior import pooled_datalists, weights_digest, with_noise_prior
-from model_fixtures import make_real_networks
 
 
 def save_prior(path, seed=1, noise_iterations=7, fixed_noise_step=None, **kwargs):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
+from test_config_fragments import documented_training_combinations
 
 from drdd_med.errors import DRDDInputError
 from drdd_med.networks import load_model
 from drdd_med.prior import weights_digest
-from test_config_fragments import documented_training_combinations
 
 ROOT = Path(__file__).resolve().parents[2]
 PRIOR_COMMAND = ("bundles/drdd_mr2ct/configs/train.json", "configs/ct_prior.json")
