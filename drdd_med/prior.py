@@ -52,9 +52,8 @@ def pooled_datalists(sources: Sequence[str | os.PathLike | dict], pool_dir: str 
     """The datalists of a CT prior (``paired`` and ``validation`` empty; ``pool``: the CT it learns from).
 
     ``sources``: bundles' training configs (see ``_bundle_datalists``). ``pool`` holds every CT that
-    each trains its noise stage on, named
-    ``<bundle>/<case>``, and every image under ``pool_dir``; a case any bundle holds out is left out
-    wherever it appears.
+    each trains its noise stage on, named ``<bundle>/<case>``, and every image under ``pool_dir``; a
+    case any bundle holds out is left out wherever it appears.
     """
     from drdd_med.data.datalists import target_pool
 
