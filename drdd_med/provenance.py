@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -25,14 +26,13 @@ def git_state(root: str | Path) -> dict:
 def write_results(path: str | Path, result: dict, script: str, argv: Sequence[str] | None, measured: dict,
                   overwrite: bool = False) -> None:
     """Write a results file under ``docs/results``: ``result``, then the command that made it (``python
-    scripts/SCRIPT ARGS``), the ``git_state`` measured as the run started, and the date; indented JSON,
-    written atomically, never over an existing file unless ``overwrite``."""
+    scripts/SCRIPT ARGS``, quoted as a shell reads it), the ``git_state`` measured as the run started,
+    and the date; indented JSON, written atomically, never over an existing file unless ``overwrite``."""
     from drdd_med.data.files import atomic_output
 
-    record = {**result, "command": f"python scripts/{script} " + " ".join(argv or sys.argv[1:]), **measured,
+    command = shlex.join(["python", f"scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+    record = {**result, "command": command, **measured,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, overwrite=overwrite) as out:
         out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"results: {path}")
