@@ -47,6 +47,13 @@ PRESETS: dict[str, dict] = {
         "noise": {"channels": (16, 32, 64, 128), "attention_levels": (False, False, False, True),
                   "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 8},
     },
+    "cpu-lite": {  # cpu-demo at 3/4 width, attention only in the middle block: 0.55x its training
+        # FLOPs, and no attention over all 64x64 tokens of its deepest level at 512² (docs/results/cpu_lite_*)
+        "residual": {"channels": (12, 24, 48, 96), "attention_levels": (False, False, False, False),
+                     "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 4},
+        "noise": {"channels": (12, 24, 48, 96), "attention_levels": (False, False, False, False),
+                  "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 4},
+    },
     "gpu": {
         "residual": {"channels": (64, 128, 256, 512), "attention_levels": (False, False, True, True),
                      "num_res_blocks": 2, "num_head_channels": 64, "norm_num_groups": 32},
@@ -323,6 +330,7 @@ class ConditionalDiffusionNetworks(ScheduledModel):
 REGRESSION_PRESETS: dict[str, dict] = {
     "tiny": {"features": (4, 4, 8, 16, 32, 4)},
     "cpu-demo": {"features": (38, 38, 76, 152, 304, 38)},
+    "cpu-lite": {"features": (28, 28, 56, 112, 224, 28)},  # 1.5 M, DRDD's cpu-lite residual network 1.4 M
     "gpu": {"features": (96, 192, 384, 768, 1536, 96)},
 }
 

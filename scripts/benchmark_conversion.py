@@ -12,7 +12,10 @@ on those). Settings:
 - ``tuned_fp32``: at most 65,536 pixels per call (one 256² or 512² slice), 2D weights channels-last
   (``load_model(channels_last=True)``), fp32;
 - ``tuned``: the CPU profile now: the same in its ``inference_precision``, bf16 autocast where the CPU
-  computes bf16 natively (``engines.autocast_context``; elsewhere it equals ``tuned_fp32``).
+  computes bf16 natively (``engines.autocast_context``; elsewhere it equals ``tuned_fp32``);
+- ``tuned_lite``: ``tuned`` with ``cpu-lite`` networks (``--lite-preset``) instead of ``--preset``'s: a
+  model trained with the smaller preset. Its output is another network's, so it gets no difference to
+  ``before``; its quality is what ``scripts/compare_methods.py --network-preset`` measures.
 
 Each setting writes its own destination; the script records the seconds, series per minute, seconds
 per slice, and how far each output lies from the ``before`` output (HU, over every voxel), and
@@ -42,7 +45,7 @@ from drdd_med.pacs.endpoints import FolderDestination, FolderSource
 from drdd_med.provenance import git_state, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("before", "tuned_fp32", "tuned")
+SETTINGS = ("before", "tuned_fp32", "tuned", "tuned_lite")
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -67,7 +70,7 @@ def _translator(bundle: str, ckpt: Path, setting: str) -> BundleTranslator:
     if setting == "before":
         translator.inferer.slice_batch_size, translator.inferer.max_batch_pixels = 16, None
         translator.network.to(memory_format=torch.contiguous_format)
-    if setting != "tuned":
+    if setting not in ("tuned", "tuned_lite"):
         translator.precision = "fp32"
     return translator
 
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("--bundle", default="drdd_mr2ct")
     parser.add_argument("--preset", default="cpu-demo", help="network preset of the seeded model")
+    parser.add_argument("--lite-preset", default="cpu-lite", help="network preset of the tuned_lite setting")
     parser.add_argument("--output", type=Path, required=True, help="JSON results file")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
@@ -98,7 +102,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="drdd-bench-convert-") as tmp:
         work = Path(tmp)
-        ckpt = _model(work / "model.pt", args.preset)
+        presets = {setting: args.lite_preset if setting == "tuned_lite" else args.preset for setting in settings}
+        ckpts = {preset: _model(work / f"model-{preset}.pt", preset) for preset in set(presets.values())}
         for shape in args.shape:
             name = "x".join(map(str, shape))
             source = work / f"series-{name}"
@@ -107,17 +112,17 @@ def main(argv=None) -> int:
             for setting in settings:
                 destination = work / f"out-{name}-{setting}"
                 report = BatchConverter(FolderSource(source), FolderDestination(destination),
-                                        _translator(args.bundle, ckpt, setting), work / f"{name}-{setting}.sqlite",
+                                        _translator(args.bundle, ckpts[presets[setting]], setting), work / f"{name}-{setting}.sqlite",
                                         progress=False).run()
                 if report.counts["converted"] != 1:
                     print(f"error: the {name} series was not converted: {report.series[0].reason}", file=sys.stderr)
                     return 1
                 seconds = report.series[0].duration_s
                 outputs[setting] = _values(destination)
-                row = {"shape": list(shape), "setting": setting, "series_seconds": seconds,
+                row = {"shape": list(shape), "setting": setting, "preset": presets[setting], "series_seconds": seconds,
                        "seconds_per_slice": round(seconds / shape[2], 3),
                        "series_per_minute": round(60.0 / seconds, 3)}
-                if setting != settings[0]:
+                if setting != settings[0] and presets[setting] == presets[settings[0]]:
                     first = outputs[settings[0]]
                     difference = np.concatenate([np.abs(outputs[setting][uid] - first[uid]).ravel() for uid in first])
                     row[f"hu_difference_to_{settings[0]}"] = {"mean": float(difference.mean()),

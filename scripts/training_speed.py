@@ -7,11 +7,15 @@ temporary ``--bundle_root``, ``--max_epochs EPOCHS`` and no validation (``--val_
 ``EPOCHS``): training alone is timed. ``--override KEY=VALUE`` adds ``--KEY VALUE`` to every run. Ignite logs each epoch's time; the script takes the median over
 epochs 2.. (the first includes warm-up), the iterations per epoch from the loss log's ``Iter: i/N``,
 and gives seconds per iteration and each commit's ratio to the first. With ``--rounds R`` the commits
-run in turn R times (A B A B ...), so a drift of the machine's speed touches both. Example (the
-figures of docs/results/training_speed_mr2ct.json)::
+run in turn R times (A B A B ...), so a drift of the machine's speed touches both. ``--variant
+KEY=VALUE`` also times every commit with that one entry changed (e.g. ``network_preset=cpu-lite``),
+in the same turns. Examples (the figures of docs/results/training_speed_mr2ct.json and
+docs/results/training_speed_cpu_lite.json)::
 
     python scripts/training_speed.py --commit 5612db2 --commit HEAD --epochs 12 \\
         --output docs/results/training_speed_mr2ct.json
+    python scripts/training_speed.py --commit HEAD --variant network_preset=cpu-lite --epochs 8 --rounds 3 \\
+        --output docs/results/training_speed_cpu_lite.json
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ def time_training(tree: Path, bundle: str, epochs: int, bundle_root: Path, overr
             "iterations_per_epoch": iterations, "seconds_per_iteration": per_epoch / iterations}
 
 
+def _flags(items: list[str]) -> list[str]:
+    """``KEY=VALUE`` entries as the bundle command's ``--KEY VALUE`` arguments."""
+    return [part for item in items for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commit", action="append", required=True, help="a commit to time (repeat; the first is the base)")
@@ -75,12 +84,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each commit, in turn (default 1)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a bundle config entry for every run (repeat)")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time each commit with this bundle config entry (repeat: one run each)")
     parser.add_argument("--output", type=Path, required=True, help="JSON results file")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
-    if any("=" not in item for item in args.override):
-        parser.error("--override takes KEY=VALUE")
-    overrides = [part for item in args.override for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+    if any("=" not in item for item in args.override + args.variant):
+        parser.error("--override and --variant take KEY=VALUE")
+    overrides = _flags(args.override)
     if args.epochs < 4 or args.rounds < 1:
         parser.error("--epochs must be at least 4 (the loss log gives the epoch length every 20 iterations) "
                      "and --rounds at least 1")
@@ -95,17 +106,19 @@ def main(argv=None) -> int:
                 trees[commit] = (export(commit, Path(tmp) / f"tree-{len(trees)}"), Path(tmp) / f"tree-{len(trees)}")
             except subprocess.CalledProcessError:
                 parser.error(f"--commit {commit}: not a commit of this repository")
-        runs = {commit: [] for commit in args.commit}
+        runs = {(commit, variant): [] for commit in args.commit for variant in [None, *args.variant]}
         for round_ in range(args.rounds):
-            for index, (commit, (_, tree)) in enumerate(trees.items()):
-                run = time_training(tree, args.bundle, args.epochs, Path(tmp) / f"root-{index}-{round_}", overrides)
-                runs[commit].append(run)
-                print(json.dumps({"commit": commit, "round": round_,
+            for index, (commit, variant) in enumerate(runs):
+                run = time_training(trees[commit][1], args.bundle, args.epochs, Path(tmp) / f"root-{index}-{round_}",
+                                    overrides + _flags([variant] if variant else []))
+                runs[commit, variant].append(run)
+                print(json.dumps({"commit": commit, "variant": variant, "round": round_,
                                   "seconds_per_iteration": round(run["seconds_per_iteration"], 4)}), flush=True)
     rows = []
-    for commit, (full, _) in trees.items():
-        per_iteration = statistics.median(r["seconds_per_iteration"] for r in runs[commit])
-        rows.append({"commit": commit, "git_commit": full, "runs": runs[commit], "seconds_per_iteration": per_iteration})
+    for (commit, variant), timed in runs.items():
+        per_iteration = statistics.median(r["seconds_per_iteration"] for r in timed)
+        rows.append({"commit": commit, **({"variant": variant} if variant else {}), "git_commit": trees[commit][0],
+                     "runs": timed, "seconds_per_iteration": per_iteration})
     for row in rows:
         row["ratio_to_first"] = rows[0]["seconds_per_iteration"] / row["seconds_per_iteration"]
     result = {"what": f"seconds per training iteration of {args.bundle}'s training command, no validation",

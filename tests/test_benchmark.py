@@ -231,8 +231,9 @@ def test_conversion_benchmark_times_both_settings_and_compares_their_outputs(tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads(out.read_text())
-    before, tuned_fp32, tuned = written["rows"]
-    assert [row["setting"] for row in written["rows"]] == ["before", "tuned_fp32", "tuned"]
+    before, tuned_fp32, tuned, lite = written["rows"]
+    assert [row["setting"] for row in written["rows"]] == ["before", "tuned_fp32", "tuned", "tuned_lite"]
+    assert [row["preset"] for row in written["rows"]] == ["tiny", "tiny", "tiny", "cpu-lite"]
     assert before["shape"] == [48, 40, 3]
     for row in written["rows"]:
         assert row["series_seconds"] > 0 and row["seconds_per_slice"] == pytest.approx(row["series_seconds"] / 3, abs=1e-3)
@@ -241,6 +242,7 @@ def test_conversion_benchmark_times_both_settings_and_compares_their_outputs(tmp
     # the CPU profile translates in bf16, which moves values by its rounding where the CPU computes
     # bf16; without it the CPU stays in fp32
     assert (tuned["hu_difference_to_before"]["max"] > 1) == engines.cpu_bf16_native()
+    assert "hu_difference_to_before" not in lite  # another network: its quality is compare_methods' to measure
     assert len(written["git_commit"] or "x" * 40) == 40 and written["machine"]["cpu_count"] >= 1
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
@@ -251,16 +253,19 @@ def test_training_speed_times_the_bundle_command_at_each_commit(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "training_speed.py"
     out = tmp_path / "speed.json"
     command = [sys.executable, str(script), "--commit", "HEAD", "--commit", "HEAD~1", "--epochs", "4",
-               "--override", "network_preset=tiny", "--override", "patches_per_volume=2", "--output", str(out)]
+               "--override", "network_preset=tiny", "--override", "patches_per_volume=2",
+               "--variant", "volumes_per_batch=1", "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads(out.read_text())
-    head, parent = written["rows"]
+    head, head_variant, parent, parent_variant = written["rows"]
     assert (head["commit"], parent["commit"]) == ("HEAD", "HEAD~1") and head["git_commit"] != parent["git_commit"]
+    assert "variant" not in head and head_variant["variant"] == parent_variant["variant"] == "volumes_per_batch=1"
     for row in written["rows"]:
         run = row["runs"][0]
-        assert len(run["epoch_seconds"]) == 4 and run["iterations_per_epoch"] == 6  # 12 training volumes, 2 per batch
-        assert row["seconds_per_iteration"] == pytest.approx(run["median_epoch_seconds"] / 6)
+        per_epoch = 12 if "variant" in row else 6  # 12 training volumes, 2 per batch (the variant: 1)
+        assert len(run["epoch_seconds"]) == 4 and run["iterations_per_epoch"] == per_epoch
+        assert row["seconds_per_iteration"] == pytest.approx(run["median_epoch_seconds"] / per_epoch)
     assert head["ratio_to_first"] == 1.0 and parent["ratio_to_first"] > 0
     bad = subprocess.run([*command[:2], "--commit", "no-such-commit", "--output", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=120)

@@ -167,7 +167,7 @@ def test_regression_u_net_reads_source_and_context_and_outputs_image_channels():
     volume_model = RegressionNetworks.from_preset("tiny", spatial_dims=3)
     assert volume_model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
     # an equal-time comparison is between networks of one size: within 10 % of DRDD's residual network
-    for preset in ("cpu-demo", "gpu"):
+    for preset in ("cpu-demo", "cpu-lite", "gpu"):
         regression, drdd = RegressionNetworks.from_preset(preset), DRDDNetworks.from_preset(preset)
         ratio = _parameters(regression) / _parameters(drdd.residual)
         assert 0.9 < ratio < 1.15, (preset, ratio)
