@@ -14,7 +14,7 @@ docs/results/training_speed_cpu_lite.json)::
 
     python scripts/training_speed.py --commit 5612db2 --commit HEAD --epochs 12 \\
         --output docs/results/training_speed_mr2ct.json
-    python scripts/training_speed.py --commit HEAD --variant network_preset=cpu-lite --epochs 8 --rounds 3 \\
+    python scripts/training_speed.py --commit HEAD --variant network_preset=cpu-lite --epochs 6 --rounds 3 \\
         --output docs/results/training_speed_cpu_lite.json
 """
 
