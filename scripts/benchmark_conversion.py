@@ -111,9 +111,9 @@ def main(argv=None) -> int:
             outputs = {}
             for setting in settings:
                 destination = work / f"out-{name}-{setting}"
-                report = BatchConverter(FolderSource(source), FolderDestination(destination),
-                                        _translator(args.bundle, ckpts[presets[setting]], setting), work / f"{name}-{setting}.sqlite",
-                                        progress=False).run()
+                translator = _translator(args.bundle, ckpts[presets[setting]], setting)
+                report = BatchConverter(FolderSource(source), FolderDestination(destination), translator,
+                                        work / f"{name}-{setting}.sqlite", progress=False).run()
                 if report.counts["converted"] != 1:
                     print(f"error: the {name} series was not converted: {report.series[0].reason}", file=sys.stderr)
                     return 1
