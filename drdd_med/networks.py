@@ -47,8 +47,8 @@ PRESETS: dict[str, dict] = {
         "noise": {"channels": (16, 32, 64, 128), "attention_levels": (False, False, False, True),
                   "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 8},
     },
-    "cpu-lite": {  # cpu-demo at 3/4 width, attention only in the middle block: 0.55x its training FLOPs,
-        # 1.5x cheaper training iterations, 2x faster 512² translation; opt-in (README, "A cheaper network")
+    "cpu-lite": {  # cpu-demo at 3/4 width, attention only in the middle block: 1.5x cheaper training
+        # iterations, 2x faster 512² translation; opt-in (README, "A cheaper network")
         "residual": {"channels": (12, 24, 48, 96), "attention_levels": (False, False, False, False),
                      "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 4},
         "noise": {"channels": (12, 24, 48, 96), "attention_levels": (False, False, False, False),
