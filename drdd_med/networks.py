@@ -208,6 +208,15 @@ class RecordedModel(torch.nn.Module):
         self.validation_sampler = state.get("validation_sampler")
         self.record = state.get("record") or {}
 
+    def follow_training_record(self, trained: RecordedModel) -> None:
+        """Take ``trained``'s record of how the model was trained, keeping the sampler this one was validated with.
+
+        An EMA copy is the model that is validated and saved, while ``trained`` is the one the trainer steps.
+        """
+        validation_sampler = self.validation_sampler
+        self.set_extra_state(trained.get_extra_state())
+        self.validation_sampler = validation_sampler
+
 
 class ScheduledModel(RecordedModel):
     """A diffusion model: its record also keeps the schedule it was trained with (``schedule``, set by

@@ -100,6 +100,26 @@ def test_ema_tracks_the_network():
     assert ema.trained_iterations == model.trained_iterations == {"residual": 12, "noise": 12}  # the record follows
 
 
+
+def test_a_run_shorter_than_the_ema_interval_saves_trained_weights_and_their_record():
+    """A time budget ends training between EMA updates: the last iterations still reach the EMA model."""
+    torch.manual_seed(0)
+    model = DRDDNetworks.from_preset("tiny")
+    ema = copy.deepcopy(model)
+    initial = copy.deepcopy(model.state_dict())
+    trainer = _trainer(model, max_epochs=1, handlers=[EMAHandler(model, ema, every=10)])
+    # validating the EMA model records its sampler there, and the network's record must not erase it
+    validated = DRDDInferer().sampler.settings()
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: setattr(ema, "validation_sampler", validated))
+    trainer.run()
+    assert trainer.state.iteration == 3
+    key = "residual.conv_in.conv.weight"
+    trained = model.state_dict()[key]
+    assert not torch.equal(trained, initial[key])
+    torch.testing.assert_close(ema.state_dict()[key], 0.1 * initial[key] + 0.9 * trained)  # one warm-up update
+    assert ema.trained_iterations == model.trained_iterations == {"residual": 3, "noise": 3}
+    assert ema.validation_sampler == validated
+
 def test_resumed_run_continues_at_the_same_iteration(tmp_path):
     torch.manual_seed(0)
     model = DRDDNetworks.from_preset("tiny")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from ignite.engine import Engine, Events
 
+from drdd_med.networks import RecordedModel
+
 
 class EMAHandler:
     """Every ``every`` iterations: ``ema ← d · ema + (1 − d) · network`` (parameters and buffers).
@@ -15,6 +17,10 @@ class EMAHandler:
     every 10 steps). ``ema_network`` is a second instance of the same architecture; it starts as a
     copy of ``network`` when the trainer starts from iteration 0, so a resumed run keeps the EMA
     weights it loaded from its checkpoint (``n`` follows the trainer's iteration, so does the warm-up).
+    When training ends between two updates (a time budget, a last short epoch), one more update takes
+    in its last iterations before the final checkpoint is saved: a run shorter than ``every`` still
+    saves trained weights. Each update also copies the network's model record (the iterations each
+    stage was trained), so the saved EMA model says what it was trained from.
     """
 
     def __init__(self, network: torch.nn.Module, ema_network: torch.nn.Module, decay: float = 0.995, every: int = 10):
@@ -27,6 +33,8 @@ class EMAHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.update)
+        # attached with the trainer, so it runs before a checkpoint saver attached afterwards
+        engine.add_event_handler(Events.COMPLETED, self._finish)
 
     def _start(self, engine: Engine) -> None:
         if engine.state.iteration == 0:
@@ -36,13 +44,17 @@ class EMAHandler:
         updates = iteration // self.every
         return min(self.decay, (1 + updates) / (10 + updates))
 
+    def _finish(self, engine: Engine) -> None:
+        if engine.state.iteration % self.every:
+            self.update(engine)
+
     @torch.no_grad()
     def update(self, engine: Engine) -> None:
         weight = 1 - self.current_decay(engine.state.iteration)
         ema = self.ema_network.state_dict()
         state = self.network.state_dict()
-        # non-tensor entries (a model record kept as extra state) describe the training: copy them
-        self.ema_network.load_state_dict({k: v for k, v in state.items() if not torch.is_tensor(v)}, strict=False)
+        if isinstance(self.ema_network, RecordedModel):
+            self.ema_network.follow_training_record(self.network)
         for name, value in state.items():
             if not torch.is_tensor(value):
                 continue
