@@ -6,6 +6,7 @@ network, which the bundles' inference accepts for DRDD's two-stage sampler."""
 from pathlib import Path
 
 import pytest
+from config_errors import config_error
 from monai.bundle import ConfigParser
 from test_config_fragments import documented_training_combinations
 
@@ -107,9 +108,5 @@ def test_a_bundle_refuses_a_prior_of_another_network_size(shared, tmp_path):
     parser.read_config([str(ROOT / f) for f in SHARED_COMMANDS["drdd_mr2ct"]])
     parser.update({**TINY, **DATA["drdd_mr2ct"], "network_preset": "cpu-demo", "bundle_root": str(root),
                    "ckpt_dir": str(tmp_path), "noise_prior": str(shared["prior_path"])})
-    with pytest.raises(RuntimeError) as err:
-        parser.get_parsed_content("network")
-    cause = err.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = config_error(parser, "network")
     assert isinstance(cause, DRDDInputError) and "built as" in str(cause)

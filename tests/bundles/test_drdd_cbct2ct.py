@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from config_errors import config_error
 from monai.bundle import ConfigParser
 
 from drdd_med.data.datalists import HELDOUT_RECORD, prepare_heldout_case
@@ -191,11 +192,7 @@ def test_held_out_cbct_follows_the_simulated_scanner(tmp_path):
 def test_a_user_folder_without_ct_volumes_gets_the_layout_not_demo_data(tmp_path):
     (tmp_path / "empty").mkdir()
     parser = config("train", bundle_root=str(tmp_path / "bundle"), dataset_dir=str(tmp_path / "empty"))
-    with pytest.raises(Exception) as info:
-        parser.get_parsed_content("datalists")
-    err = info.value
-    while err.__cause__ is not None:
-        err = err.__cause__
+    err = config_error(parser, "datalists")
     assert isinstance(err, DRDDInputError) and "holds no data in a layout drdd_med reads" in str(err)
     assert "CT volumes" in str(err) and "cbct scans are simulated" in str(err)
     assert not any((tmp_path / "empty").iterdir())
@@ -204,10 +201,6 @@ def test_a_user_folder_without_ct_volumes_gets_the_layout_not_demo_data(tmp_path
 def test_a_synthrad_folder_as_training_data_is_refused_with_the_way_to_use_it(tmp_path):
     (tmp_path / "synthrad" / "Task2" / "pelvis" / "2PA001").mkdir(parents=True)
     parser = config("train", bundle_root=str(tmp_path / "bundle"), dataset_dir=str(tmp_path / "synthrad"))
-    with pytest.raises(Exception) as info:
-        parser.get_parsed_content("datalists")
-    err = info.value
-    while err.__cause__ is not None:
-        err = err.__cause__
+    err = config_error(parser, "datalists")
     assert isinstance(err, DRDDInputError) and "dataset_dir is a SynthRAD folder (Task2/)" in str(err)
     assert "--input" in str(err)

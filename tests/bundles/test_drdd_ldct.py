@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from config_errors import config_error
 from monai.bundle import ConfigParser
 
 from drdd_med.data.datalists import mayo_datalist, prepare_heldout_case, prepare_ldct_datalists
@@ -276,15 +277,6 @@ def _train_parser(dataset_dir, **overrides):
     return parser
 
 
-def _cause_of(parser, id_):
-    with pytest.raises(Exception) as info:
-        parser.get_parsed_content(id_)
-    err = info.value
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
 def _rewrite(path, change):
     image = nib.load(path)
     data = np.asarray(image.dataobj, dtype=np.float32).copy()
@@ -292,35 +284,35 @@ def _rewrite(path, change):
 
 
 def test_dose_outside_zero_to_one(demo_cts):
-    err = _cause_of(_train_parser(demo_cts, dose_fraction=1.5), "datalists")
+    err = config_error(_train_parser(demo_cts, dose_fraction=1.5), "datalists")
     assert isinstance(err, DRDDInputError) and "dose_fraction: must be in (0, 1]" in str(err)
     assert not (demo_cts.parent / "bundle").exists()
-    err = _cause_of(_train_parser(demo_cts, train_dose_range=[0.0, 0.1]), "train#pair_volumes")
+    err = config_error(_train_parser(demo_cts, train_dose_range=[0.0, 0.1]), "train#pair_volumes")
     assert isinstance(err, DRDDInputError) and "dose_fraction" in str(err)
 
 
 def test_nan_voxels_in_a_training_ct(demo_cts):
     _rewrite(demo_cts / "ct_pool" / "1BP002.nii.gz", lambda v: np.where(np.arange(v.size).reshape(v.shape) == 77, np.nan, v))
-    err = _cause_of(_train_parser(demo_cts, num_validation=0), "train#paired_dataset")
+    err = config_error(_train_parser(demo_cts, num_validation=0), "train#paired_dataset")
     assert isinstance(err, NonFiniteError) and "1BP002" in str(err) and "NaN" in str(err)
 
 
 def test_nan_voxels_in_a_held_out_ct(demo_cts, tmp_path):
     for case in ("1BP001", "1BP002", "1BP003"):
         _rewrite(demo_cts / "ct_pool" / f"{case}.nii.gz", lambda v: np.where(v > 1000, np.nan, v))
-    err = _cause_of(_train_parser(demo_cts), "datalists")
+    err = config_error(_train_parser(demo_cts), "datalists")
     assert isinstance(err, NonFiniteError) and "/target" in str(err) and "NaN" in str(err)
 
 
 def test_a_training_volume_not_in_hounsfield_units(demo_cts):
     _rewrite(demo_cts / "ct_pool" / "1BP003.nii.gz", lambda v: v + 1024.0)  # stored values without rescale
-    err = _cause_of(_train_parser(demo_cts, num_validation=0), "train#paired_dataset")
+    err = config_error(_train_parser(demo_cts, num_validation=0), "train#paired_dataset")
     assert isinstance(err, DRDDInputError) and "1BP003" in str(err) and "Hounsfield" in str(err)
 
 
 def test_a_user_folder_without_data_gets_the_layouts_not_demo_data(tmp_path):
     (tmp_path / "empty").mkdir()
-    err = _cause_of(_train_parser(tmp_path / "empty"), "datalists")
+    err = config_error(_train_parser(tmp_path / "empty"), "datalists")
     assert isinstance(err, DRDDInputError) and "holds no data in a layout drdd_med reads" in str(err)
     assert "AAPM/Mayo 2016" in str(err) and "CT volumes" in str(err)
     assert not any((tmp_path / "empty").iterdir())  # nothing generated there

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from config_errors import config_error
 from monai.bundle import ConfigParser
 
 from drdd_med.data.demo import write_demo_dataset
@@ -266,28 +267,16 @@ def _train_parser(dataset_dir, **overrides):
     return parser
 
 
-def _root_cause(err):
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
 @pytest.fixture()
 def demo_copy(tmp_path):
     write_demo_dataset(tmp_path / "data", num_paired=3, num_unpaired=0, shape=(32, 32, 8), spacing=(6, 6, 18))
     return tmp_path / "data"
 
 
-def _cause_of(parser, id_):
-    with pytest.raises(Exception) as info:
-        parser.get_parsed_content(id_)
-    return _root_cause(info.value)
-
-
 def test_a_user_folder_without_cases_gets_the_layouts_not_demo_data(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a dataset")
-    err = _cause_of(_train_parser(tmp_path / "empty"), "datalists")
+    err = config_error(_train_parser(tmp_path / "empty"), "datalists")
     assert isinstance(err, DRDDInputError) and "holds no Task1 cases in a layout drdd_med reads" in str(err)
     assert "SynthRAD2023" in str(err) and "SynthRAD2025" in str(err)
     assert [p.name for p in (tmp_path / "empty").iterdir()] == ["notes.txt"]  # nothing generated there
@@ -297,7 +286,7 @@ def test_source_and_target_on_different_grids(demo_copy):
     case = demo_copy / "Task1" / "brain" / "1BA002"
     ct = nib.load(case / "ct.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(ct.dataobj)[:, :, :-1], ct.affine), case / "ct.nii.gz")
-    err = _cause_of(_train_parser(demo_copy, num_validation=0), "train#paired_dataset")
+    err = config_error(_train_parser(demo_copy, num_validation=0), "train#paired_dataset")
     assert isinstance(err, GridMismatchError) and "1BA002" in str(err) and "shape" in str(err)
 
 
@@ -307,12 +296,12 @@ def test_nan_voxels(demo_copy):
     data = np.asarray(mr.dataobj).copy()
     data[5, 5, 5] = np.nan
     nib.save(nib.Nifti1Image(data, mr.affine), case / "mr.nii.gz")
-    err = _cause_of(_train_parser(demo_copy, num_validation=0), "train#paired_dataset")
+    err = config_error(_train_parser(demo_copy, num_validation=0), "train#paired_dataset")
     assert isinstance(err, NonFiniteError) and "1BA001/source" in str(err) and "NaN" in str(err)
 
 
 def test_missing_image_of_a_case(demo_copy):
     (demo_copy / "Task1" / "brain" / "1BA003" / "mr.nii.gz").unlink()
-    err = _cause_of(_train_parser(demo_copy), "datalists")
+    err = config_error(_train_parser(demo_copy), "datalists")
     assert isinstance(err, DRDDInputError) and "1BA003" in str(err) and "no mr image" in str(err)
     assert not (demo_copy.parent / "bundle").exists()
