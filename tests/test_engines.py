@@ -100,7 +100,6 @@ def test_ema_tracks_the_network():
     assert ema.trained_iterations == model.trained_iterations == {"residual": 12, "noise": 12}  # the record follows
 
 
-
 def test_a_run_shorter_than_the_ema_interval_saves_trained_weights_and_their_record():
     """A time budget ends training between EMA updates: the last iterations still reach the EMA model."""
     torch.manual_seed(0)
@@ -119,6 +118,7 @@ def test_a_run_shorter_than_the_ema_interval_saves_trained_weights_and_their_rec
     torch.testing.assert_close(ema.state_dict()[key], 0.1 * initial[key] + 0.9 * trained)  # one warm-up update
     assert ema.trained_iterations == model.trained_iterations == {"residual": 3, "noise": 3}
     assert ema.validation_sampler == validated
+
 
 def test_resumed_run_continues_at_the_same_iteration(tmp_path):
     torch.manual_seed(0)
