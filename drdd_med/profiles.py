@@ -28,6 +28,9 @@ PROFILES: dict[str, dict] = {
         "volumes_per_batch": 2,
         "num_workers": 0,
         "max_epochs": 200,  # 1200 iterations of drdd_mr2ct: 11 min 56 s on 2 cores with channels-last (bundle README)
+        # training ends at max_epochs or after max_training_minutes of training steps, whichever comes
+        # first, so the demo trainings end in bounded time on any CPU
+        "max_training_minutes": 10.0,
         "val_interval": 40,
         "learning_rate": 5e-4,
         "slice_batch_size": 16,
@@ -46,6 +49,7 @@ PROFILES: dict[str, dict] = {
         "volumes_per_batch": 4,
         "num_workers": 4,
         "max_epochs": 200,
+        "max_training_minutes": None,
         "val_interval": 10,
         "learning_rate": 1e-4,
         "slice_batch_size": 64,

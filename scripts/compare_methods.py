@@ -79,7 +79,7 @@ SAMPLERS = {
     # start at the noise level the residual stage was trained in (σ_N², = 1 for the method's σ_{T−1})
     "forward_point": {"start_scale": "$@schedule.fixed_noise_level ** 2"},
 }
-NEVER = 10**9  # epochs: validation and periodic checkpoints never come; the budget ends training
+NEVER = 10**9  # epochs: the budget ends training; an interval past them means no validation, no periodic checkpoint
 # per task: its bundle and how its outputs are scored, all inside the body mask, as (pred, ct, mask, case)
 LDCT_WINDOW = "abdomen"  # the low-dose CT literature's display window (C 50 / W 400)
 SYNTHRAD_METRICS = {"mae_hu": synthrad2023_mae, "psnr_db": synthrad2023_psnr, "ssim": synthrad2023_ssim}
@@ -216,9 +216,10 @@ def split_settings(args: argparse.Namespace) -> dict:
 
 
 def train_settings(args: argparse.Namespace) -> dict:
-    """Training settings: the split, the paired fraction, the network size; epochs never end it, the budget does."""
+    """Training settings: the split, the paired fraction, the network size; neither epochs nor the profile's
+    time limit end it, the budget does."""
     settings = {**split_settings(args), "paired_fraction": args.paired_fraction, "max_epochs": NEVER,
-                "val_interval": NEVER}
+                "max_training_minutes": None, "val_interval": NEVER + 1}
     if args.network_preset:
         settings["network_preset"] = args.network_preset
     return settings

@@ -95,7 +95,8 @@ def train_prior(args: argparse.Namespace, work_dir: Path) -> dict:
     parser = ConfigParser()
     parser.read_config([str(PRIOR_BASE), str(PRIOR_FRAGMENT)])
     parser.update({"bundle_root": str(work_dir), "ckpt_dir": str(work_dir / "models"), "output_dir": str(work_dir / "runs"),
-                   "prior_sources": sources, "seed": args.seed, "max_epochs": compare_methods.NEVER})
+                   "prior_sources": sources, "seed": args.seed, "max_epochs": compare_methods.NEVER,
+                   "max_training_minutes": None})
     if args.network_preset:
         parser.update({"network_preset": args.network_preset})
     parser.get_parsed_content("initialize")

@@ -5,14 +5,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from ignite.engine import Events
+from ignite.engine import Engine, Events
+from monai.engines import Evaluator
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from drdd_med import engines
 from drdd_med.diffusion import DRDDSchedule, ddim_p_losses, residual_p_losses
 from drdd_med.engines import DRDDEvaluator, DRDDTrainer, StageBatches, autocast_context, ensure_new_run
 from drdd_med.errors import OutputExistsError
-from drdd_med.handlers import EMAHandler, MaskedMAEHandler
+from drdd_med.handlers import EMAHandler, FinalValidationHandler, MaskedMAEHandler
 from drdd_med.inferers import DRDDInferer
 from drdd_med.networks import ConditionalDiffusionNetworks, DRDDNetworks, RegressionNetworks, seeded_initialisation
 
@@ -118,6 +119,26 @@ def test_a_run_shorter_than_the_ema_interval_saves_trained_weights_and_their_rec
     torch.testing.assert_close(ema.state_dict()[key], 0.1 * initial[key] + 0.9 * trained)  # one warm-up update
     assert ema.trained_iterations == model.trained_iterations == {"residual": 3, "noise": 3}
     assert ema.validation_sampler == validated
+
+
+@pytest.mark.parametrize(("max_epochs", "interval", "stop_at", "validated_at"), [
+    (4, 2, None, [6, 12]),  # ends on an interval: nothing more
+    (5, 2, None, [6, 12, 15]),  # max_epochs off the interval: the last weights too
+    (5, 2, 7, [6, 7]),  # a time limit mid-epoch: the weights it stopped on
+    (5, 2, 6, [6]),  # stopped right after a validation: not twice
+    (3, 4, None, []),  # an interval longer than the run: validation off, as before
+])
+def test_final_validation_sees_the_weights_training_ends_with(max_epochs, interval, stop_at, validated_at):
+    """3 iterations per epoch; the trainer iterations at which the validator ran."""
+    trainer = Engine(lambda engine, batch: None)
+    validator = Evaluator(device="cpu", val_data_loader=[0], iteration_update=lambda engine, batch: None)
+    runs = []
+    validator.add_event_handler(Events.COMPLETED, lambda _: runs.append(trainer.state.iteration))
+    FinalValidationHandler(validator=validator, interval=interval, epoch_level=True).attach(trainer)
+    if stop_at:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda engine: engine.terminate())
+    trainer.run(range(3), max_epochs=max_epochs)
+    assert runs == validated_at
 
 
 def test_resumed_run_continues_at_the_same_iteration(tmp_path):

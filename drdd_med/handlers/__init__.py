@@ -14,10 +14,12 @@ from drdd_med.handlers.metrics import (
     WindowedSSIMHandler,
 )
 from drdd_med.handlers.preview import MLFlowPreviewHandler, TensorBoardPreviewHandler, validation_preview
+from drdd_med.handlers.validation import FinalValidationHandler
 from drdd_med.handlers.writer import SyntheticCTWriter
 
 __all__ = [
     "EMAHandler",
+    "FinalValidationHandler",
     "MLFlowPreviewHandler",
     "TensorBoardPreviewHandler",
     "SyntheticCTWriter",

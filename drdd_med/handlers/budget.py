@@ -1,10 +1,14 @@
-"""Stop training at a wall-clock budget, as an Ignite handler: equal-time comparisons of methods."""
+"""Stop training at a wall-clock budget, as an Ignite handler: equal-time comparisons of methods, and
+the CPU profile's bound on the demo trainings (``max_training_minutes``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingBudget:
@@ -40,4 +44,6 @@ class TrainingBudget:
         self.longest_iteration = max(self.longest_iteration, seconds)
         self.iterations += 1
         if self.elapsed >= self.seconds:
+            logger.info("training stops at its time limit of %.0f s: %d iterations this run, now at epoch %d",
+                        self.seconds, self.iterations, engine.state.epoch)
             engine.terminate()

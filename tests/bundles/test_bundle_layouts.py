@@ -47,7 +47,7 @@ def test_bundle_layout(bundle):
 SHARED_TRAINING_IDS = (
     "imports", "ckpt_dir", "output_dir", "demo_dir", "dataset_dir", "seed", "determinism", "device", "precision",
     "network_preset", "spatial_dims", "context_slices", "roi_size", "patch_size", "patches_per_volume",
-    "volumes_per_batch", "num_workers", "max_epochs", "val_interval", "learning_rate", "residual_loss",
+    "volumes_per_batch", "num_workers", "max_epochs", "max_training_minutes", "val_interval", "learning_rate", "residual_loss",
     "overwrite", "resume_from", "network_def", "network", "network_ema", "schedule",
     "train#paired_loader", "train#pool_loader", "train#residual_optimizer", "train#noise_optimizer",
     "train#handlers", "train#checkpoint_state", "train#checkpoint_loader", "train#checkpoint_saver", "train#trainer",

@@ -105,6 +105,19 @@ def test_a_synthrad2025_folder_of_mha_files_trains_and_translates(trained, tmp_p
         np.testing.assert_allclose(sct.affine, mr.affine, atol=1e-4)
 
 
+def test_the_time_limit_ends_training_and_the_weights_it_ends_on_are_validated(tmp_path):
+    """The CPU profile bounds training by minutes as well as epochs: here 6 ms, so one iteration of
+    50 epochs, and the validation at epoch 40 never comes; model.pt still holds the trained weights."""
+    root = tmp_path / "bundle"
+    log = bundle_run("training", "--config_file", TRAIN, "--bundle_root", str(root), "--max_epochs", "50",
+                     "--val_interval", "40", "--max_training_minutes", "0.0001", *FAST)
+    assert "training stops at its time limit of 0 s: 1 iterations this run, now at epoch 1" in log
+    assert "Epoch[1] Metrics -- val_mae" in log
+    record = torch.load(root / "models" / "model.pt", weights_only=True)["_extra_state"]
+    assert record["trained_iterations"] == {"residual": 1, "noise": 1}
+    assert record["record"]["training"]["max_training_minutes"] == 0.0001
+
+
 def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
     root, _ = trained
     bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)  # skips finished cases
