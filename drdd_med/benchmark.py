@@ -47,6 +47,7 @@ from drdd_med.inferers import DRDDInferer, bind_networks
 from drdd_med.bundle import resolve_device
 from drdd_med.engines import autocast_context, bf16_supported
 from drdd_med.networks import PRESETS, DRDDNetworks, seeded_initialisation
+from drdd_med.profiles import PROFILES
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,10 @@ def default_batch_size(device: torch.device, spatial_dims: int, quick: bool = Fa
 
 def default_presets(device: torch.device, quick: bool = False) -> tuple[str, ...]:
     """The project's default networks, beside the reference-sized ones where there is compute for them."""
+    cpu = PROFILES["cpu"]["network_preset"]
     if quick:
-        return ("tiny", "cpu-demo")
-    return ("gpu", "reference") if device.type == "cuda" else ("cpu-demo",)
+        return ("tiny", cpu)
+    return ("gpu", "reference") if device.type == "cuda" else (cpu,)
 
 
 # --- measuring ---------------------------------------------------------------------------------------

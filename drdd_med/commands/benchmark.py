@@ -10,6 +10,9 @@ from pathlib import Path
 from drdd_med.benchmark import DIMS, PRECISIONS, format_table, run_benchmark
 from drdd_med.data.files import atomic_output
 from drdd_med.networks import PRESETS
+from drdd_med.profiles import PROFILES
+
+CPU_PRESET = PROFILES["cpu"]["network_preset"]
 
 DESCRIPTION = """\
 Measure, per configuration (network preset, 2d / 2.5d / 3d, precision, torch.compile, channels-last,
@@ -57,8 +60,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute on a 2-core CPU")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--presets", type=_names, metavar="NAME[,NAME]",
-                        help=f"network presets, of {', '.join(PRESETS)} (default: cpu-demo on a CPU, "
-                        "gpu,reference on a GPU, tiny,cpu-demo with --quick)")
+                        help=f"network presets, of {', '.join(PRESETS)} (default: {CPU_PRESET} on a CPU, "
+                        f"gpu,reference on a GPU, tiny,{CPU_PRESET} with --quick)")
     parser.add_argument("--dims", type=_names, default=list(DIMS), metavar="D[,D]",
                         help=f"geometries, of {', '.join(DIMS)} (default: all)")
     parser.add_argument("--precision", type=_names, metavar="P[,P]",
