@@ -118,6 +118,19 @@ def test_the_time_limit_ends_training_and_the_weights_it_ends_on_are_validated(t
     assert record["record"]["training"]["max_training_minutes"] == 0.0001
 
 
+def test_the_documented_override_turns_the_time_limit_off(tmp_path):
+    """``--max_training_minutes '$None'`` (README): no TrainingBudget among the handlers, recorded as None."""
+    handlers = {}
+    for value in (10.0, "$None"):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / TRAIN))
+        parser.update({"bundle_root": str(tmp_path), "max_training_minutes": value})
+        handlers[value] = [type(handler).__name__ for handler in parser.get_parsed_content("train#handlers")]
+        assert parser.get_parsed_content("model_record")["training"]["max_training_minutes"] == (
+            None if value == "$None" else value)
+    assert "TrainingBudget" in handlers[10.0] and "TrainingBudget" not in handlers["$None"]
+
+
 def test_evaluate_scores_the_held_out_cases_against_their_ct(trained):
     root, _ = trained
     bundle_run("run", "--config_file", INFER, "--bundle_root", str(root), *HELD_OUT)  # skips finished cases
