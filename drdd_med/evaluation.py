@@ -49,6 +49,7 @@ from drdd_med.data.files import atomic_output
 from drdd_med.data.readers import load_volume
 from drdd_med.errors import DRDDInputError, GridMismatchError, OutputExistsError
 from drdd_med.metrics import functional
+from drdd_med.provenance import json_ready
 from drdd_med.visualize import CT_WINDOW, mid_axial, save_panels
 
 logger = logging.getLogger(__name__)
@@ -375,16 +376,6 @@ def _write_summary_figure(path: Path, results: list[CaseResult], columns: list[s
         fig.savefig(tmp, dpi=100, format="png")
 
 
-def _json_ready(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf" / "nan" spelled out; JSON has no such numbers
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 # --- the folder run --------------------------------------------------------------------------------
 
 
@@ -502,7 +493,7 @@ def evaluate_folders(
     if figures:
         _write_summary_figure(out_dir / FIGURE_NAME, evaluated, columns, overwrite)
     with atomic_output(out_dir / SUMMARY_NAME, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(_json_ready(summary), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_ready(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     logger.info(
         "evaluated %d of %d cases (%d failed, %d skipped) in %.1f s",
         len(evaluated), len(ordered), summary["counts"]["failed"], summary["counts"]["skipped"], summary["seconds"],

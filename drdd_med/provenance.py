@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -23,16 +24,29 @@ def git_state(root: str | Path) -> dict:
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
 
 
+def json_ready(value):
+    """``value`` with every non-finite float spelled out (``"inf"``, ``"-inf"``, ``"nan"``): JSON has no such
+    numbers, and a PSNR of identical images is +inf. Dicts and lists are converted item by item."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def write_results(path: str | Path, result: dict, script: str, argv: Sequence[str] | None, measured: dict,
                   overwrite: bool = False) -> None:
     """Write a results file under ``docs/results``: ``result``, then the command that made it (``python
     scripts/SCRIPT ARGS``, quoted as a shell reads it), the ``git_state`` measured as the run started,
-    and the date; indented JSON, written atomically, never over an existing file unless ``overwrite``."""
+    and the date; indented JSON (non-finite numbers spelled out by ``json_ready``), written atomically,
+    never over an existing file unless ``overwrite``."""
     from drdd_med.data.files import atomic_output
 
     command = shlex.join(["python", f"scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
     record = {**result, "command": command, **measured,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with atomic_output(path, overwrite=overwrite) as out:
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        out.write_text(json.dumps(json_ready(record), indent=2, allow_nan=False) + "\n")
     print(f"results: {path}")

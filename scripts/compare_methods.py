@@ -64,7 +64,7 @@ from drdd_med.metrics.functional import (
     windowed_rmse,
     windowed_ssim,
 )
-from drdd_med.provenance import git_state
+from drdd_med.provenance import git_state, json_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 # config fragments layered on the bundle's configs, per method (MONAI's list form of --config_file)
@@ -309,6 +309,20 @@ def score(cases: list[dict], out_dir: Path, metrics: dict) -> dict[str, list[flo
     return scores
 
 
+def summarise(scores: dict[str, list[float]]) -> dict:
+    """Each metric's mean over the cases where it is finite, and ``non_finite_cases`` (by metric) where some
+    are not: a case translated exactly has a PSNR of +inf, which would make the mean say nothing of the
+    others (as ``drdd_med.evaluation`` keeps it out of its statistics). A metric finite nowhere keeps
+    the mean of its values (+inf when every case is perfect)."""
+    summary, non_finite = {}, {}
+    for name, values in scores.items():
+        finite = [v for v in values if np.isfinite(v)]
+        summary[name] = float(np.mean(finite if finite else values))
+        if len(finite) < len(values):
+            non_finite[name] = len(values) - len(finite)
+    return {**summary, "non_finite_cases": non_finite} if non_finite else summary
+
+
 # --- results file ----------------------------------------------------------------------------------
 
 
@@ -346,7 +360,7 @@ def append_row(path: Path, row: dict) -> None:
     """Append ``row`` (replacing a row with its key), rewriting the file atomically: never half a line."""
     kept = [line for line, old in read_rows(path) if row_key(old) != row_key(row)]
     with atomic_output(path, overwrite=True) as tmp:
-        tmp.write_text("".join(f"{line}\n" for line in [*kept, json.dumps(row, allow_nan=False)]))
+        tmp.write_text("".join(f"{line}\n" for line in [*kept, json.dumps(json_ready(row), allow_nan=False)]))
 
 
 # --- provenance ------------------------------------------------------------------------------------
@@ -393,8 +407,7 @@ def run(args: argparse.Namespace, work_dir: Path, command: str) -> list[dict]:
                    "inference_seconds": round(time.perf_counter() - started, 3),
                    "sampler_used": sampler_used, "metrics": TASKS[args.task]["definition"],
                    "cases": [item["case_id"] for item in cases],
-                   **{name: float(np.mean(values)) for name, values in scores.items()},
-                   "per_case": scores, **provenance}
+                   **summarise(scores), "per_case": scores, **provenance}
             append_row(args.output, row)
             logger.info("%s %s: MAE %.1f HU, PSNR %.2f dB, SSIM %.3f", method, variant,
                         row["mae_hu"], row["psnr_db"], row["ssim"])

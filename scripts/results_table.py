@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -53,10 +54,17 @@ def describe(row: dict) -> str:
 
 
 def spread(row: dict, key: str, digits: int) -> str:
-    values = row.get("per_case", {}).get(key)
-    if not values or len(values) < 2:
-        return f"{row[key]:.{digits}f}"
-    return f"{row[key]:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    """Mean ± std over the cases where the metric is finite, with how many were not (a perfect case's PSNR
+    is +inf; the results file spells it "inf", the mean leaves it out: ``compare_methods.summarise``)."""
+    values = [float(v) for v in row.get("per_case", {}).get(key, [])]
+    finite = [v for v in values if math.isfinite(v)]
+    text = f"{float(row[key]):.{digits}f}"
+    if len(finite) >= 2:
+        text += f" ± {statistics.stdev(finite):.{digits}f}"
+    if len(finite) < len(values):
+        others = ", ".join(sorted({f"{v:g}" for v in values if not math.isfinite(v)}))
+        text += f" ({len(values) - len(finite)} of {len(values)} cases {others})"
+    return text
 
 
 def table(rows: list[dict]) -> str:

@@ -93,13 +93,24 @@ def test_a_damaged_results_file_is_never_rewritten(tmp_path):
     assert out.read_text().endswith("{half a line")
 
 
-def test_a_row_that_is_not_strict_json_is_refused_and_the_file_kept(tmp_path):
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def test_a_perfect_case_keeps_its_row_its_infinite_psnr_spelled_out_and_out_of_the_mean(tmp_path):
+    scores = {"mae_hu": [0.0, 10.0, 20.0], "psnr_db": [float("inf"), 30.0, 20.0], "ssim": [1.0, 0.9, 0.8]}
+    summary = compare_methods.summarise(scores)
+    assert summary == {"mae_hu": 10.0, "psnr_db": 25.0, "ssim": 0.9, "non_finite_cases": {"psnr_db": 1}}
+    assert compare_methods.summarise({"psnr_db": [float("inf")] * 2})["psnr_db"] == float("inf")
     out = tmp_path / "results.jsonl"
-    compare_methods.append_row(out, _row())
-    before = out.read_bytes()
-    with pytest.raises(ValueError, match="not JSON compliant"):
-        compare_methods.append_row(out, _row(sampler="residual_only", mae_hu=float("nan")))
-    assert out.read_bytes() == before
+    compare_methods.append_row(out, _row(**summary, per_case=scores))  # used to raise after the training
+    compare_methods.append_row(out, _row(sampler="residual_only", **compare_methods.summarise({"psnr_db": [float("inf")]}),
+                                         per_case={"psnr_db": [float("inf")]}))
+    first, second = _strict(out.read_text())  # strict JSON: no Infinity / NaN tokens
+    assert first["per_case"]["psnr_db"] == ["inf", 30.0, 20.0] and first["psnr_db"] == 25.0
+    assert second["psnr_db"] == "inf" and second["non_finite_cases"] == {"psnr_db": 1}
 
 
 # --- end to end on tiny demo data ------------------------------------------------------------------

@@ -48,3 +48,14 @@ def test_git_state_names_the_commit_and_whether_tracked_code_differs(tmp_path):
     assert git_state(tmp_path)["git_dirty"] is False
     (tmp_path / "code.py").write_text("a = 2\n")
     assert git_state(tmp_path)["git_dirty"] is True
+
+
+def test_non_finite_numbers_are_spelled_out_so_the_file_stays_strict_json(tmp_path):
+    out = tmp_path / "r.json"
+    write_results(out, {"psnr": [float("inf"), 30.0], "worst": float("-inf"), "ratio": float("nan")}, "s.py", [], {})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads(out.read_text(), parse_constant=refuse)
+    assert record["psnr"] == ["inf", 30.0] and record["worst"] == "-inf" and record["ratio"] == "nan"

@@ -31,6 +31,16 @@ def test_table_quotes_every_row_with_its_knobs_and_spread(tmp_path, capsys):
     assert "held-out cases: A, B" in lines[-1]
 
 
+def test_a_perfect_case_is_counted_apart_from_the_mean_and_spread(tmp_path, capsys):
+    row = _row("drdd", [0.0, 20.0])
+    row.update(psnr_db=30.0, non_finite_cases={"psnr_db": 1})
+    row["per_case"]["psnr_db"] = ["inf", 30.0]  # as compare_methods.py writes a +inf PSNR
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert results_table.main([str(path)]) == 0
+    assert "| 10.0 ± 14.1 | 30.00 (1 of 2 cases inf) | 0.800 ± 0.141 |" in capsys.readouterr().out
+
+
 def test_an_empty_file_is_refused(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SystemExit):
