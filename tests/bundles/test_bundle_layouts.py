@@ -65,3 +65,19 @@ def test_bundles_share_one_training_skeleton():
     for bundle, other in zip(others, configs[1:]):
         different = [i for i in SHARED_TRAINING_IDS if configs[0].get(i) != other.get(i)]
         assert not different, f"{bundle}'s and {first}'s train.json differ in {different}: change all"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_the_sampling_noise_has_its_own_seed_and_the_split_keeps_the_training_seed(bundle):
+    root = ROOT / "bundles" / bundle
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(root / "configs" / "inference.json")
+        parser.update({"bundle_root": str(root), **overrides})
+        return parser
+
+    assert parsed(seed=3).get_parsed_content("inferer").seed == 3  # by default the noise follows seed
+    other = parsed(seed=3, sample_seed=7)
+    assert other.get_parsed_content("inferer").seed == 7
+    assert "seed=@seed" in other["datalist"] and "sample_seed" not in other["datalist"]  # the held-out cases stay
