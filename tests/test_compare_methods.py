@@ -106,8 +106,8 @@ def test_a_perfect_case_keeps_its_row_its_infinite_psnr_spelled_out_and_out_of_t
     assert compare_methods.summarise({"psnr_db": [float("inf")] * 2})["psnr_db"] == float("inf")
     out = tmp_path / "results.jsonl"
     compare_methods.append_row(out, _row(**summary, per_case=scores))  # used to raise after the training
-    compare_methods.append_row(out, _row(sampler="residual_only", **compare_methods.summarise({"psnr_db": [float("inf")]}),
-                                         per_case={"psnr_db": [float("inf")]}))
+    perfect = {"psnr_db": [float("inf")]}
+    compare_methods.append_row(out, _row(sampler="residual_only", **compare_methods.summarise(perfect), per_case=perfect))
     first, second = _strict(out.read_text())  # strict JSON: no Infinity / NaN tokens
     assert first["per_case"]["psnr_db"] == ["inf", 30.0, 20.0] and first["psnr_db"] == 25.0
     assert second["psnr_db"] == "inf" and second["non_finite_cases"] == {"psnr_db": 1}
