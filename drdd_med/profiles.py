@@ -31,7 +31,7 @@ PROFILES: dict[str, dict] = {
         "num_workers": 0,
         # training ends at max_epochs or after max_training_minutes of training steps, whichever comes
         # first, so the demo trainings end in bounded time on any CPU (280 epochs are 1680 iterations of
-        # drdd_mr2ct; a slow 2-core CPU did 639 in the 10 minutes: docs/results/demo_training_mr2ct_cpu.txt)
+        # drdd_mr2ct; a slow 2-core CPU did 639 and 745 in two runs: docs/results/demo_training_mr2ct_cpu.txt)
         "max_epochs": 280,
         "max_training_minutes": 10.0,
         "val_interval": 40,
