@@ -303,7 +303,12 @@ def _evaluate_case(case: str, paths: dict[str, Path], scorers: dict[str, ScoreFn
 # --- outputs ---------------------------------------------------------------------------------------
 
 
-def _statistics(values: list[float]) -> dict[str, float | int]:
+def finite_statistics(values: list[float]) -> dict[str, float | int]:
+    """Count, mean, std, quartiles, min and max of the finite ``values``; ``count_infinite`` the others.
+
+    A case translated exactly has a PSNR of +inf: it is counted, and kept out of the mean that would
+    otherwise say nothing of the other cases. With no finite value only the counts are given.
+    """
     finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
     stats: dict[str, float | int] = {"count": int(finite.size)}
     if finite.size:
@@ -312,7 +317,7 @@ def _statistics(values: list[float]) -> dict[str, float | int]:
             mean=float(finite.mean()), std=float(finite.std()), median=float(median),
             q1=float(q1), q3=float(q3), min=float(finite.min()), max=float(finite.max()),
         )
-    if len(values) > finite.size:  # PSNR of identical volumes is +inf; kept out of the statistics
+    if len(values) > finite.size:
         stats["count_infinite"] = len(values) - int(finite.size)
     return stats
 
@@ -483,7 +488,8 @@ def evaluate_folders(
             "skipped": sum(r.status == "skipped" for r in ordered),
         },
         "masks": "per case" if masks_required else "none found: whole volumes scored",
-        "metrics": {c: _statistics([r.values[c] for r in evaluated if r.values.get(c) is not None]) for c in columns},
+        "metrics": {c: finite_statistics([r.values[c] for r in evaluated if r.values.get(c) is not None])
+                    for c in columns},
         "definitions": {c: definitions[c] for c in columns if c in definitions},
         "failed": [{"case": r.case, "reason": r.reason} for r in ordered if r.status == "failed"],
         "skipped": [{"case": r.case, "reason": r.reason} for r in ordered if r.status == "skipped"],

@@ -53,7 +53,7 @@ from monai.bundle import ConfigParser
 from drdd_med.benchmark import environment
 from drdd_med.data.files import atomic_output
 from drdd_med.errors import DRDDInputError, OutputExistsError
-from drdd_med.evaluation import check_same_grid, read_volume
+from drdd_med.evaluation import check_same_grid, finite_statistics, read_volume
 from drdd_med.handlers import TrainingBudget
 from drdd_med.metrics.functional import (
     HU_WINDOWS,
@@ -311,15 +311,14 @@ def score(cases: list[dict], out_dir: Path, metrics: dict) -> dict[str, list[flo
 
 def summarise(scores: dict[str, list[float]]) -> dict:
     """Each metric's mean over the cases where it is finite, and ``non_finite_cases`` (by metric) where some
-    are not: a case translated exactly has a PSNR of +inf, which would make the mean say nothing of the
-    others (as ``drdd_med.evaluation`` keeps it out of its statistics). A metric finite nowhere keeps
-    the mean of its values (+inf when every case is perfect)."""
+    are not (``drdd_med.evaluation.finite_statistics``: a case translated exactly has a PSNR of +inf). A
+    metric finite nowhere keeps the mean of its values (+inf when every case is perfect)."""
     summary, non_finite = {}, {}
     for name, values in scores.items():
-        finite = [v for v in values if np.isfinite(v)]
-        summary[name] = float(np.mean(finite if finite else values))
-        if len(finite) < len(values):
-            non_finite[name] = len(values) - len(finite)
+        stats = finite_statistics(values)
+        summary[name] = stats.get("mean", float(np.mean(values)))
+        if "count_infinite" in stats:
+            non_finite[name] = stats["count_infinite"]
     return {**summary, "non_finite_cases": non_finite} if non_finite else summary
 
 
