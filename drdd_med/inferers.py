@@ -74,6 +74,8 @@ class DRDDInferer(Inferer):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer of at least 1, got {num_samples!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")  # the bundles' sample_seed
         self.sampler = sampler or DRDDSampler(DRDDSchedule())
         self.slice_batch_size = slice_batch_size
         self.max_batch_pixels = max_batch_pixels

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_errors import config_error
 from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,3 +82,5 @@ def test_the_sampling_noise_has_its_own_seed_and_the_split_keeps_the_training_se
     other = parsed(seed=3, sample_seed=7)
     assert other.get_parsed_content("inferer").seed == 7
     assert "seed=@seed" in other["datalist"] and "sample_seed" not in other["datalist"]  # the held-out cases stay
+    err = config_error(parsed(sample_seed="one"), "inferer")  # --sample_seed one: refused as it is parsed
+    assert isinstance(err, ValueError) and "seed must be an integer or None, got 'one'" in str(err)
