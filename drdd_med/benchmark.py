@@ -6,7 +6,8 @@ For each configuration — network preset, geometry (2D, 2.5D with 3 context sli
 - training items/s for both stages together (one step of each per batch, as ``DRDDTrainer`` does)
   and for each stage alone: forward, backward, gradient clipping and an AdamW step on the real
   losses ``residual_p_losses`` / ``noise_p_losses``;
-- sampling items/s with the default 2 + 2 ``DRDDSampler``;
+- sampling items/s with the default 2 + 2 ``DRDDSampler``; on a GPU also replayed from one CUDA graph
+  (the fixed 4-evaluation sampler without launch gaps), checked against the eager sample;
 - seconds per whole volume through ``DRDDInferer`` (slice by slice, or 3D sliding window inside
   each step);
 - FLOPs per item (``FlopCounterMode`` on one forward of each network), the FLOP/s achieved and
@@ -78,9 +79,9 @@ def default_sizes(device: torch.device, quick: bool = False) -> Sizes:
     """The issue's sizes: 256² × 150 on a CPU, 256² × 300 and 512² × 300 on a GPU; ``quick`` is a smoke run."""
     if quick:
         return Sizes(32, 16, ((32, 32, 8),), (32, 32, 16), warmup=1, repeats=3, volume_repeats=1, matmul_size=512)
-    if device.type == "cuda":
-        return Sizes(256, 96, ((256, 256, 300), (512, 512, 300)), (256, 256, 128), warmup=3, repeats=10,
-                     volume_repeats=3, matmul_size=8192)
+    if device.type == "cuda":  # steady calls of milliseconds: 5 repeats after 3 warm-ups; one run of a volume
+        return Sizes(256, 96, ((256, 256, 300), (512, 512, 300)), (256, 256, 128), warmup=3, repeats=5,
+                     volume_repeats=1, matmul_size=8192)
     return Sizes(256, 64, ((256, 256, 150),), (128, 128, 64), warmup=1, repeats=3, volume_repeats=1, matmul_size=2048)
 
 
@@ -304,6 +305,35 @@ class _Run:
         self.networks.eval()
         return median_seconds(sample, self.device, self.sizes.warmup, self.sizes.repeats)
 
+    def graphed_sample(self) -> dict:
+        """2 + 2 sampling of a batch replayed from one captured CUDA graph, and its difference from eager.
+
+        The noise is given as fixed tensors, so the graph and the eager run compute the same function:
+        ``max_difference`` is the largest difference over the largest magnitude of the eager sample.
+        """
+        source, _, context = self.batch(self.config.batch_size)
+        noise = [self.randn(*source.shape) for _ in range(self.sampler.num_noise_draws)]
+        residual_fn, noise_fn = bind_networks(self.networks, source, context)
+
+        def sample():
+            with torch.no_grad(), autocast_context(self.device, self.config.precision, cache_enabled=False):
+                return self.sampler.sample(source, residual_fn, noise_fn, noise=list(noise))
+
+        self.networks.eval()
+        eager = sample().float()
+        side = torch.cuda.Stream(self.device)  # capture needs its warm-up on a side stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.sizes.warmup):
+                sample()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = sample()
+        seconds = median_seconds(graph.replay, self.device, self.sizes.warmup, self.sizes.repeats)
+        difference = (captured.float() - eager).abs().max() / eager.abs().max()
+        return {"items_per_s": self.config.batch_size / seconds, "max_difference": float(difference)}
+
     def volumes(self) -> list[dict]:
         """Seconds per whole volume through ``DRDDInferer``; the networks are warm from ``sample_seconds``."""
         batch = self.config.batch_size
@@ -352,6 +382,7 @@ def benchmark_configuration(config: Configuration, device: torch.device, sizes: 
     seconds["sample"] = run.sample_seconds()
     sample_peak = peak_memory_bytes(device)
     volumes = run.volumes()
+    graphed = _graphed_sample(run) if device.type == "cuda" else None
     items_per_s = {k: config.batch_size / seconds[k] for k in MEASURES}
     flop_per_s = {k: flops_per_item[k] * items_per_s[k] for k in MEASURES}
     matmul_rate = matmul["flop_per_s"][config.precision]
@@ -368,7 +399,25 @@ def benchmark_configuration(config: Configuration, device: torch.device, sizes: 
         "matmul_fraction": {k: flop_per_s[k] / matmul_rate for k in MEASURES},
         "volumes": volumes,
         "peak_memory_bytes": {"train": train_peak, "sample": sample_peak},
+        "sample_cuda_graph": graphed,
     }
+
+
+def _graphed_sample(run: _Run) -> dict:
+    """``_Run.graphed_sample``, or why it could not be captured (the eager figures stand either way)."""
+    try:
+        return run.graphed_sample()
+    except Exception as error:  # e.g. a kernel that synchronises with the host cannot be captured
+        logger.warning("benchmark: CUDA graph sampling of %s failed: %s", run.config, error)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _failed(config: Configuration, error: Exception, device: torch.device) -> dict:
+    """The record of a configuration that could not be measured (out of memory, a compile error...)."""
+    logger.warning("benchmark: %s failed: %s: %s", config, type(error).__name__, error)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the failed configuration held must not shrink the next
+    return {**asdict(config), "error": f"{type(error).__name__}: {error}"}
 
 
 # --- a whole run -------------------------------------------------------------------------------------
@@ -459,6 +508,7 @@ def run_benchmark(
     quick: bool = False,
     sizes: Sizes | None = None,
     memory_formats: Sequence[bool] = (False,),
+    max_minutes: float | None = None,
 ) -> dict:
     """Benchmark every configuration asked for and return the report (the JSON ``drdd-med benchmark`` writes).
 
@@ -466,22 +516,28 @@ def run_benchmark(
     has it, ``default_batch_size``, ``default_sizes``, torch's thread count). ``quick`` is a
     one-minute smoke run on a CPU: small networks, inputs and volumes, fp32, one thread unless
     ``threads`` is given (the report says so in ``notes``). The thread count is restored afterwards.
+
+    A configuration that fails (out of memory at a batch size, a compile error) is recorded with its
+    ``error`` and the others still run. After ``max_minutes`` no further configuration is started;
+    those left are listed in ``not_run``.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"max minutes must be positive, got {max_minutes}")
     threads_before = torch.get_num_threads()
     # quick: one thread unless asked, because two threads on two busy cores wait on each other (6x
     # slower, measured) and a smoke run should take a minute whatever else runs
     torch.set_num_threads(threads or (1 if quick else threads_before))
     try:
         return _run(resolve_device(device), presets, dims, precisions, compile_modes, batch_sizes, quick, sizes,
-                    memory_formats)
+                    memory_formats, max_minutes)
     finally:
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
 def _run(target: torch.device, presets, dims, precisions, compile_modes, batch_sizes, quick: bool,
-         sizes: Sizes | None, memory_formats: Sequence[bool]) -> dict:
+         sizes: Sizes | None, memory_formats: Sequence[bool], max_minutes: float | None) -> dict:
     """``run_benchmark`` with the thread count set: options checked first, then the matmul, then each configuration."""
     precisions = precisions or (("fp32", "bf16") if bf16_supported(target) and not quick else ("fp32",))
     todo = configurations(target, presets or default_presets(target, quick), dims, precisions, compile_modes,
@@ -498,11 +554,20 @@ def _run(target: torch.device, presets, dims, precisions, compile_modes, batch_s
         "notes": notes(target, sizes, quick),
     }
     logger.info("benchmark: dense matmul rate on %s", report["environment"]["device_name"])
+    start = time.monotonic()
     report["matmul"] = measure_matmul(target, sizes.matmul_size, sizes.warmup, 3 * sizes.repeats)
-    report["results"] = []
+    report["results"], report["not_run"] = [], []
     for index, config in enumerate(todo, 1):
+        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+            report["not_run"] = [asdict(c) for c in todo[index - 1:]]
+            logger.warning("benchmark: %d configuration(s) not run, the %g minutes are spent",
+                           len(report["not_run"]), max_minutes)
+            break
         logger.info("benchmark %d/%d: %s", index, len(todo), config)
-        report["results"].append(benchmark_configuration(config, target, sizes, report["matmul"]))
+        try:
+            report["results"].append(benchmark_configuration(config, target, sizes, report["matmul"]))
+        except Exception as error:  # noqa: BLE001 -- one configuration's failure must not lose the others
+            report["results"].append(_failed(config, error, target))
     return report
 
 
@@ -562,7 +627,7 @@ TABLE_COLUMNS = (
     ("ch-last", lambda r: "on" if r.get("channels_last") else "off"),
     ("batch", lambda r: str(r["batch_size"])),
     ("train/s both|res|noise", lambda r: "|".join(f"{r['items_per_s'][k]:.3g}" for k in MEASURES[:3])),
-    ("sample/s", lambda r: f"{r['items_per_s']['sample']:.3g}"),
+    ("sample/s (graph)", lambda r: f"{r['items_per_s']['sample']:.3g}" + _graphed_cell(r.get("sample_cuda_graph"))),
     ("s/volume", lambda r: " ".join(f"{v['seconds']:.3g}" for v in r["volumes"])),
     ("FLOP/item res|noise", lambda r: f"{_si(r['flops_per_item']['residual_forward'])}|"
                                       f"{_si(r['flops_per_item']['noise_forward'])}"),
@@ -575,6 +640,15 @@ TABLE_COLUMNS = (
 )
 
 
+CONFIGURATION_COLUMNS = 6  # the columns that name a configuration; a failed one shows its error after them
+
+
+def _graphed_cell(graphed: dict | None) -> str:
+    if graphed is None:
+        return ""
+    return " (failed)" if "error" in graphed else f" ({graphed['items_per_s']:.3g})"
+
+
 def format_table(report: dict) -> str:
     """A plain-text table of the results, with the header lines a reader needs to judge them."""
     env, mm = report["environment"], report["matmul"]
@@ -585,11 +659,22 @@ def format_table(report: dict) -> str:
         f"bf16 {_si(mm['flop_per_s']['bf16'])}FLOP/s{'' if mm['bf16_native'] else ' (emulated)'}",
         *[f"note: {n}" for n in report["notes"]],
     ]
+    measured = [r for r in report["results"] if "error" not in r]
     rows = [[name for name, _ in TABLE_COLUMNS]]
-    rows += [[cell(result) for _, cell in TABLE_COLUMNS] for result in report["results"]]
+    rows += [[cell(result) for _, cell in TABLE_COLUMNS] for result in measured]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    volumes = {tuple(v["shape"]) for r in report["results"] for v in r["volumes"]}
+    for result in report["results"]:
+        if "error" in result:
+            named = [cell(result).ljust(width) for (_, cell), width in
+                     zip(TABLE_COLUMNS[:CONFIGURATION_COLUMNS], widths)]
+            lines.append("  ".join(named) + f"  failed: {result['error']}")
+    volumes = {tuple(v["shape"]) for r in measured for v in r["volumes"]}
     lines.append("items: slices (2d, 2.5d) or patches (3d); volumes: "
                  + ", ".join("x".join(map(str, s)) for s in sorted(volumes)))
+    if any(r.get("sample_cuda_graph") for r in measured):
+        lines.append("sample/s (graph): the same 2 + 2 sampling replayed from one CUDA graph")
+    if report.get("not_run"):
+        lines.append(f"not run, the time budget was spent: {len(report['not_run'])} configuration(s): "
+                     + "; ".join(" ".join(str(v) for v in c.values()) for c in report["not_run"]))
     return "\n".join(lines)

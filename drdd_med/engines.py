@@ -77,16 +77,18 @@ def bf16_supported(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or cpu_bf16_native()
 
 
-def autocast_context(device: torch.device | str, precision: str):
+def autocast_context(device: torch.device | str, precision: str, cache_enabled: bool = True):
     """bf16 autocast when asked (``precision="bf16"``) and ``device`` computes bf16 natively; fp32 otherwise.
 
     On a CPU without native bf16, autocast would only emulate it, slower than fp32: such a CPU stays in
     fp32 whatever the profile asks (``docs/results/benchmark_cpu_bf16.json`` measures both on one that has it).
+    ``cache_enabled=False`` for code captured in a CUDA graph (torch's rule: cached bf16 weight copies
+    would be freed under the graph).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if precision == "bf16" and bf16_supported(device):
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 

@@ -6,7 +6,10 @@ import json
 import math
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,13 +26,13 @@ TINY = Sizes(image_size=16, patch_size=8, volumes_2d=((16, 16, 3),), volume_3d=(
              warmup=1, repeats=2, volume_repeats=1, matmul_size=64)
 PRECISIONS = ["fp32", "bf16"] if benchmark.bf16_supported(torch.device("cpu")) else ["fp32"]
 
-TOP_FIELDS = {"schema", "date", "quick", "environment", "method", "sizes", "notes", "matmul", "results"}
+TOP_FIELDS = {"schema", "date", "quick", "environment", "method", "sizes", "notes", "matmul", "results", "not_run"}
 ENVIRONMENT_FIELDS = {"device", "device_name", "torch", "cuda", "monai", "drdd_med", "python", "threads",
                       "cpu_count", "load_average"}
 MATMUL_FIELDS = {"size", "flop_per_s", "bf16_native", "float32_matmul_precision"}
 RESULT_FIELDS = {"preset", "dims", "precision", "compile", "batch_size", "channels_last", "spatial_dims", "context_slices",
                  "item_shape", "parameters", "output_std", "flops_per_item", "items_per_s",
-                 "flop_per_s", "matmul_fraction", "volumes", "peak_memory_bytes"}
+                 "flop_per_s", "matmul_fraction", "volumes", "peak_memory_bytes", "sample_cuda_graph"}
 MEASURES = {"train_both", "train_residual", "train_noise", "sample"}
 VOLUME_2D_FIELDS = {"shape", "seconds", "slice_batch_size", "peak_memory_bytes"}
 VOLUME_3D_FIELDS = {"shape", "seconds", "roi_size", "sw_batch_size", "peak_memory_bytes"}
@@ -58,12 +61,14 @@ def _numbers(value):
 def test_report_holds_every_documented_field(report):
     assert set(report) == TOP_FIELDS
     assert set(report["environment"]) == ENVIRONMENT_FIELDS
+    assert report["not_run"] == []
     assert set(report["matmul"]) == MATMUL_FIELDS and set(report["matmul"]["flop_per_s"]) == {"fp32", "bf16"}
     assert report["environment"]["threads"] == 1
     assert [(r["dims"], r["precision"]) for r in report["results"]] == [
         (dims, precision) for dims in ("2d", "2.5d", "3d") for precision in PRECISIONS]
     for result in report["results"]:
         assert set(result) == RESULT_FIELDS
+        assert result["sample_cuda_graph"] is None  # measured on a GPU only
         assert set(result["flops_per_item"]) == MEASURES | {"residual_forward", "noise_forward"}
         for key in ("items_per_s", "flop_per_s", "matmul_fraction"):
             assert set(result[key]) == MEASURES
@@ -155,6 +160,57 @@ def test_table_has_a_row_per_configuration(report):
     assert "dense matmul 64²" in table
 
 
+def test_cuda_graph_sampling_is_tabled_beside_eager_sampling(report):
+    results = [{**r, "sample_cuda_graph": graphed} for r, graphed in
+               zip(report["results"], [{"items_per_s": 1234.0, "max_difference": 0.0}, {"error": "RuntimeError: x"}])]
+    lines = format_table({**report, "results": results}).splitlines()
+    rows = [line for line in lines if line.startswith("tiny ")]
+    assert "(1.23e+03)" in rows[0] and "(failed)" in rows[1]
+    assert "sample/s (graph)" in lines[-1] and "(graph)" in lines[3]
+
+
+def _one_failing(monkeypatch, failing_dims):
+    measure = benchmark.benchmark_configuration
+
+    def flaky(config, *args):
+        if config.dims == failing_dims:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return measure(config, *args)
+
+    monkeypatch.setattr(benchmark, "benchmark_configuration", flaky)
+
+
+def test_a_failing_configuration_is_recorded_and_the_others_still_run(monkeypatch):
+    _one_failing(monkeypatch, "2d")
+    result = run_benchmark("cpu", ["tiny"], ["2d", "3d"], ["fp32"], [False], [2], threads=1, sizes=TINY)
+    failed, measured = result["results"]
+    assert failed == {**asdict(benchmark.Configuration("tiny", "2d", "fp32", False, 2)),
+                      "error": "RuntimeError: CUDA out of memory (simulated)"}
+    assert measured["dims"] == "3d" and measured["items_per_s"]["sample"] > 0
+    table = format_table(result)
+    assert "tiny    2d    fp32  off      off      2      failed: RuntimeError: CUDA out of memory" in table
+    assert len([line for line in table.splitlines() if line.startswith("tiny ")]) == 2
+
+
+def test_a_failed_configuration_makes_the_command_exit_1(monkeypatch, tmp_path, capsys):
+    _one_failing(monkeypatch, "2d")
+    out = tmp_path / "bench.json"
+    options = ["--device", "cpu", "--presets", "tiny", "--dims", "2d,3d", "--batch-size", "2", "--quick"]
+    assert main(["benchmark", *options, "--output", str(out)]) == 1
+    assert "failed: RuntimeError" in capsys.readouterr().out
+    assert [("error" in r) for r in json.loads(out.read_text())["results"]] == [True, False]  # written all the same
+
+
+def test_no_configuration_starts_after_max_minutes(monkeypatch):
+    clock = iter([0.0, 0.0, 61.0])  # start, before the first configuration, before the second
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=time.perf_counter, monotonic=lambda: next(clock)))
+    result = run_benchmark("cpu", ["tiny"], ["2d", "2.5d", "3d"], ["fp32"], [False], [2], threads=1, sizes=TINY,
+                           max_minutes=1)
+    assert [r["dims"] for r in result["results"]] == ["2d"]
+    assert [c["dims"] for c in result["not_run"]] == ["2.5d", "3d"]
+    assert "not run, the time budget was spent: 2 configuration(s)" in format_table(result)
+
+
 def test_existing_output_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     out.write_text("earlier results")
@@ -195,7 +251,8 @@ def test_bad_options_exit_2_with_a_message(options, message, capsys, monkeypatch
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options", [["--compile", "maybe"], ["--batch-size", "0"], ["--batch-size", "x"]])
+@pytest.mark.parametrize("options", [["--compile", "maybe"], ["--batch-size", "0"], ["--batch-size", "x"],
+                                     ["--max-minutes", "0"], ["--max-minutes", "soon"], ["--max-minutes", "nan"]])
 def test_malformed_option_values_exit_2(options):
     with pytest.raises(SystemExit) as exit_info:
         main(["benchmark", *options])

@@ -24,7 +24,9 @@ measured in the same run, and peak memory. Prints a table; --output writes every
 
 Timings depend on what else runs on the machine: compare configurations measured side by side in
 one run, not absolute seconds across runs. --quick is a smoke run of about a minute on 2 CPU cores
-(small networks and sizes; the JSON says so)."""
+(small networks and sizes; the JSON says so). On a GPU the sampling is also replayed from one CUDA
+graph. A configuration that fails (e.g. out of memory) is recorded with its error, the others still
+run, and the exit status is 1."""
 
 SWITCHES = {"off": False, "on": True}
 
@@ -48,6 +50,16 @@ def _positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers such as 8 or 8,16; got {text!r}")
     return values
+
+
+def _positive_minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes such as 8 or 2.5; got {text!r}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -75,6 +87,9 @@ def register(subparsers) -> None:
                         help="items per batch (default: 8 slices / 1 patch on a CPU, 32 / 4 on a GPU, "
                         "2 / 1 with --quick)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 with --quick)")
+    parser.add_argument("--max-minutes", type=_positive_minutes, metavar="M",
+                        help="start no further configuration after M minutes; the JSON lists those not run "
+                        "(default: run all)")
     parser.add_argument("--output", type=Path, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     parser.set_defaults(func=run)
@@ -86,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_benchmark(
             device=args.device, presets=args.presets, dims=args.dims, precisions=args.precision,
             compile_modes=args.compile, batch_sizes=args.batch_size, threads=args.threads, quick=args.quick,
-            memory_formats=args.channels_last,
+            memory_formats=args.channels_last, max_minutes=args.max_minutes,
         )
         print(format_table(report))
         if partial:
             partial.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return 0
+    return 1 if any("error" in result for result in report["results"]) else 0
