@@ -11,6 +11,8 @@ import copy
 
 import torch
 
+from drdd_med.engines import bf16_supported
+
 PROFILES: dict[str, dict] = {
     # 2 CPU cores: the demo trains in minutes with small networks, fp32: bf16 autocast (native on
     # AVX512-BF16 / AMX CPUs) is 2.1x faster for 256² training (docs/results/benchmark_cpu_bf16.json)
@@ -38,8 +40,9 @@ PROFILES: dict[str, dict] = {
         "learning_rate": 5e-4,
         "slice_batch_size": 16,
         # translation: at most 4 slices of 128² per network call (one 256² or 512² slice); 2D weights
-        # channels-last in training and translation; both measured faster on the 2-core CPU
-        # (docs/results/conversion_cpu.json, docs/results/benchmark_cpu_channels_last.json)
+        # channels-last in training and in fp32 translation, both measured faster on the 2-core CPU
+        # (docs/results/conversion_cpu.json, docs/results/benchmark_cpu_channels_last.json); for bf16
+        # translation see translation_channels_last
         "max_batch_pixels": 65536,
         "channels_last": True,
     },
@@ -82,3 +85,17 @@ def select_profile(device: str | torch.device, **overrides: dict) -> dict:
         raise ValueError(f"unknown {name} profile setting(s) {sorted(bad)}; the settings are {sorted(settings)}")
     settings.update(overrides.get(name, {}))
     return {"name": name, **settings}
+
+
+def translation_channels_last(profile: dict, precision: str, device: str | torch.device) -> bool:
+    """Whether translation stores 2D weights channels-last: the profile's ``channels_last``, except
+    where translation computes in native bf16.
+
+    There ``cpu-lite``, the CPU profile's networks, runs faster contiguous: its 12- and 24-channel
+    GroupNorms are 4-20x slower channels-last in bf16 than contiguous, which outweighs the faster
+    convolutions (a 512² network call 0.233 s contiguous against 0.275 s channels-last on a 2-core AMX
+    CPU, while in fp32 channels-last wins, 0.363 against 0.500 s: docs/results/conversion_cpu_amx.json).
+    ``cpu-demo``'s wider networks are the exception (0.286 s channels-last against 0.432): translate
+    those with ``--channels_last true``.
+    """
+    return bool(profile["channels_last"]) and not (precision == "bf16" and bf16_supported(device))

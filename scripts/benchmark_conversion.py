@@ -12,10 +12,13 @@ on those). Settings:
 - ``tuned_fp32``: at most 65,536 pixels per call (one 256² or 512² slice), 2D weights channels-last
   (``load_model(channels_last=True)``), fp32;
 - ``tuned``: the CPU profile now: the same in its ``inference_precision``, bf16 autocast where the CPU
-  computes bf16 natively (``engines.autocast_context``; elsewhere it equals ``tuned_fp32``);
+  computes bf16 natively (``engines.autocast_context``; elsewhere it equals ``tuned_fp32``), with the
+  weights' layout of ``profiles.translation_channels_last`` (contiguous in native bf16);
 - ``tuned_lite``: ``tuned`` with ``cpu-lite`` networks (``--lite-preset``) instead of ``--preset``'s: a
   model trained with the smaller preset. Its output is another network's, so it gets no difference to
-  ``before``; its quality is what ``scripts/compare_methods.py --network-preset`` measures.
+  ``before``; its quality is what ``scripts/compare_methods.py --network-preset`` measures;
+- a setting with ``+cl`` appended (``tuned+cl``, ``tuned_lite+cl``): the same with channels-last weights
+  whatever the precision (what the profile did before ``translation_channels_last``).
 
 Each setting writes its own destination; the script records the seconds, series per minute, seconds
 per slice, and how far each output lies from the ``before`` output (HU, over every voxel), and
@@ -46,6 +49,7 @@ from drdd_med.provenance import git_state, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("before", "tuned_fp32", "tuned", "tuned_lite")
+CHANNELS_LAST = "+cl"  # a setting with this suffix stores its weights channels-last
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -67,10 +71,13 @@ def _model(path: Path, preset: str) -> Path:
 
 def _translator(bundle: str, ckpt: Path, setting: str) -> BundleTranslator:
     translator = BundleTranslator(bundle, device="cpu", ckpt=ckpt)
-    if setting == "before":
+    base = setting.removesuffix(CHANNELS_LAST)
+    if base == "before":
         translator.inferer.slice_batch_size, translator.inferer.max_batch_pixels = 16, None
         translator.network.to(memory_format=torch.contiguous_format)
-    if setting not in ("tuned", "tuned_lite"):
+    if base == "tuned_fp32" or setting.endswith(CHANNELS_LAST):
+        translator.network.to(memory_format=torch.channels_last)
+    if base not in ("tuned", "tuned_lite"):
         translator.precision = "fp32"
     return translator
 
@@ -84,7 +91,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=_shape, action="append", required=True, metavar="RxCxS",
                         help="series shape, rows x columns x slices (repeat)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated, of {', '.join(SETTINGS)}, each optionally with {CHANNELS_LAST}")
     parser.add_argument("--bundle", default="drdd_mr2ct")
     parser.add_argument("--preset", default="cpu-demo", help="network preset of the seeded model")
     parser.add_argument("--lite-preset", default="cpu-lite", help="network preset of the tuned_lite setting")
@@ -92,8 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
     settings = args.settings.split(",")
-    if not set(settings) <= set(SETTINGS):
-        parser.error(f"--settings: choose from {', '.join(SETTINGS)}")
+    if not {setting.removesuffix(CHANNELS_LAST) for setting in settings} <= set(SETTINGS):
+        parser.error(f"--settings: choose from {', '.join(SETTINGS)}, each optionally with {CHANNELS_LAST}")
     if args.output.exists() and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="drdd-bench-convert-") as tmp:
         work = Path(tmp)
-        presets = {setting: args.lite_preset if setting == "tuned_lite" else args.preset for setting in settings}
+        presets = {setting: args.lite_preset if setting.startswith("tuned_lite") else args.preset for setting in settings}
         ckpts = {preset: _model(work / f"model-{preset}.pt", preset) for preset in set(presets.values())}
         for shape in args.shape:
             name = "x".join(map(str, shape))

@@ -12,6 +12,7 @@ from monai.bundle import ConfigParser
 from pacs_helpers import BUNDLE_VERSION, ROOT, SHAPE, write_demo_study
 
 import drdd_med.bundle
+import drdd_med.engines
 from drdd_med.bundle import BundleTranslator, resolve_bundle
 from drdd_med.data.dicom import read_dicom_series
 from drdd_med.data.writers import to_int16_hu
@@ -96,6 +97,21 @@ def test_the_cpu_profile_translates_in_bf16_and_trains_in_fp32(tiny_model):
             parser.read_config(str(ROOT / "bundles" / bundle / "configs" / config))
             parser["device"] = "$torch.device('cpu')"
             assert parser.get_parsed_content("precision") == precision, (bundle, config)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_the_cpu_profile_translates_channels_last_only_in_fp32(tiny_model, monkeypatch, native_bf16):
+    """Channels-last weights speed up fp32 translation but slow cpu-lite's bf16 translation
+    (profiles.translation_channels_last); a config override still decides."""
+    monkeypatch.setattr(drdd_med.engines, "cpu_bf16_native", lambda: native_bf16)
+    for bundle in ("drdd_mr2ct", "drdd_ldct", "drdd_cbct2ct"):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+        parser["device"] = "$torch.device('cpu')"
+        assert parser.get_parsed_content("channels_last") is (not native_bf16), bundle
+    weight = BundleTranslator("drdd_mr2ct", device="cpu", ckpt=tiny_model["ckpt"]).network.residual.conv_in.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is (not native_bf16)
+    assert weight.is_contiguous() is native_bf16
 
 
 def test_a_pickled_translator_is_rebuilt_once_per_process_from_the_same_weights(tmp_path, tiny_model):
