@@ -91,11 +91,12 @@ def translation_channels_last(profile: dict, precision: str, device: str | torch
     """Whether translation stores 2D weights channels-last: the profile's ``channels_last``, except
     where translation computes in native bf16.
 
-    There ``cpu-lite``, the CPU profile's networks, runs faster contiguous: its 12- and 24-channel
-    GroupNorms are 4-20x slower channels-last in bf16 than contiguous, which outweighs the faster
-    convolutions (a 512² network call 0.233 s contiguous against 0.275 s channels-last on a 2-core AMX
-    CPU, while in fp32 channels-last wins, 0.363 against 0.500 s: docs/results/conversion_cpu_amx.json).
-    ``cpu-demo``'s wider networks are the exception (0.286 s channels-last against 0.432): translate
-    those with ``--channels_last true``.
+    There ``cpu-lite``, the CPU profile's networks, runs faster contiguous: torch's CPU GroupNorm is
+    much slower on channels-last bf16 inputs of 12 and 24 channels, its first two levels. Side by side
+    on a 2-core AMX CPU (docs/results/conversion_cpu_amx.json): 1.024 s per 512² slice contiguous
+    against 1.097 s channels-last, 0.257 against 0.297 s at 256². ``cpu-demo``'s wider networks are
+    the exception (1.253 s channels-last against 1.795 s contiguous at 512²): translate those with
+    ``--channels_last true``. In fp32 channels-last stays, measured faster for ``cpu-demo``
+    (docs/results/benchmark_cpu_channels_last.json).
     """
     return bool(profile["channels_last"]) and not (precision == "bf16" and bf16_supported(device))

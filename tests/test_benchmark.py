@@ -2,6 +2,7 @@
 FLOPs are counted right, an existing output is never replaced silently, bad options exit 2, and no
 network is timed while it outputs zeros. Speed itself is never asserted (timings are not tests)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -303,6 +304,29 @@ def test_conversion_benchmark_times_both_settings_and_compares_their_outputs(tmp
     assert len(written["git_commit"] or "x" * 40) == 40 and written["machine"]["cpu_count"] >= 1
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
+
+
+def test_conversion_benchmark_settings_with_channels_last_weights(tmp_path):
+    """'+cl' changes the weights' layout only: in fp32 the output equals the plain setting's."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_conversion.py"
+    out = tmp_path / "conversion.json"
+    command = [sys.executable, str(script), "--shape", "32x32x2", "--preset", "tiny", "--output", str(out),
+               "--settings", "before,before+cl,tuned_lite+cl"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["setting"], row["preset"]) for row in rows] == [
+        ("before", "tiny"), ("before+cl", "tiny"), ("tuned_lite+cl", "cpu-lite")]
+    assert rows[1]["hu_difference_to_before"]["max"] <= 1
+    bad = subprocess.run([*command[:-1], "tuned+xl"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "each optionally with +cl" in bad.stderr
+    spec = importlib.util.spec_from_file_location("benchmark_conversion", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = module._model(tmp_path / "model.pt", "tiny")
+    for setting, channels_last in (("before", False), ("before+cl", True), ("tuned+cl", True), ("tuned_fp32", True)):
+        weight = module._translator("drdd_mr2ct", ckpt, setting).network.residual.conv_in.conv.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last, setting
 
 
 def test_training_speed_times_the_bundle_command_at_each_commit(tmp_path):
