@@ -10,8 +10,11 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 
 from drdd_med import __version__
 from drdd_med.commands import COMMANDS
@@ -31,6 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def terminate_as_exit():
+    """Let SIGTERM (``timeout``, a batch scheduler, ``kill``) unwind the command like an error does:
+    partial outputs are removed and journals closed, where the default would end the process on the
+    spot and leave them behind. Exit status 143 (128 + 15), as for the default. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     try:
-        return int(args.func(args) or 0)
+        with terminate_as_exit():
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"drdd-med {args.command}: error: {err}", file=sys.stderr)
         return 2

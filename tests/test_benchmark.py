@@ -5,6 +5,7 @@ network is timed while it outputs zeros. Speed itself is never asserted (timings
 import importlib.util
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -272,6 +273,21 @@ def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch):
 def test_missing_cuda_is_a_usage_error(capsys):
     assert main(["benchmark", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_terminated_run_leaves_no_partial_output(tmp_path):
+    """SIGTERM (timeout, a scheduler) while measuring: exit 143 and nothing left in the output folder."""
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "drdd_med", "benchmark", "--device", "cpu", "--presets", "tiny", "--quick",
+               "--output", str(out / "bench.json")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(out.iterdir())) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and [p.name.endswith(".partial.json") for p in out.iterdir()] == [True]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert list(out.iterdir()) == []
 
 
 def test_script_is_the_same_command():
