@@ -77,6 +77,13 @@ def bf16_supported(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or cpu_bf16_native()
 
 
+def computes_bf16(device: torch.device | str, precision: str) -> bool:
+    """Whether ``precision`` runs as bf16 on ``device``: asked for, and native there (else fp32)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return precision == "bf16" and bf16_supported(device)
+
+
 def autocast_context(device: torch.device | str, precision: str, cache_enabled: bool = True):
     """bf16 autocast when asked (``precision="bf16"``) and ``device`` computes bf16 natively; fp32 otherwise.
 
@@ -85,9 +92,7 @@ def autocast_context(device: torch.device | str, precision: str, cache_enabled: 
     ``cache_enabled=False`` for code captured in a CUDA graph (torch's rule: cached bf16 weight copies
     would be freed under the graph).
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if precision == "bf16" and bf16_supported(device):
+    if computes_bf16(device, precision):
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 

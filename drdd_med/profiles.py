@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from drdd_med.engines import bf16_supported
+from drdd_med.engines import computes_bf16
 
 PROFILES: dict[str, dict] = {
     # 2 CPU cores: the demo trains in minutes with small networks, fp32: bf16 autocast (native on
@@ -99,4 +99,4 @@ def translation_channels_last(profile: dict, precision: str, device: str | torch
     ``--channels_last true``. In fp32 channels-last stays, measured faster for ``cpu-demo``
     (docs/results/benchmark_cpu_channels_last.json).
     """
-    return bool(profile["channels_last"]) and not (precision == "bf16" and bf16_supported(device))
+    return bool(profile["channels_last"]) and not computes_bf16(device, precision)
